@@ -1,0 +1,63 @@
+"""The one `Distiller` interface the trainer knows; each method is a subclass in its own file."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Distiller(nn.Module):
+    """A student (plus whatever a method trains with it) and, optionally, a frozen teacher.
+
+    The teacher is kept in eval mode with gradients off for the whole run: its BatchNorm statistics
+    never move and no gradient reaches it, whatever the trainer does with `train()`/`eval()`.
+    Subclasses take their loss settings as keyword-only constructor arguments; those names are the
+    keys of the method's entry in METHODS_CONFIG.
+    """
+
+    needs_teacher = False  # teacher-based methods get the trained teacher; their column names its arch
+    teacher_column = "None"  # the `teacher` column of methods without an external teacher
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits and the weighted loss terms (keys `loss_*`); the trainer sums the terms."""
+        raise NotImplementedError
+
+    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(images)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named logits for evaluation; "student" is the deployable model's output."""
+        return {"student": self.student(images)}
+
+    def selection_score(self, accuracies: dict[str, float]) -> float:
+        """The val accuracy the best epoch is chosen on and reported as `best_accuracy`."""
+        return accuracies["student"]
+
+    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
+        """Method-specific fields for the results record (e.g. DML's per-peer accuracies)."""
+        return {}
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each training epoch (0-based); FitNets' two-stage mode switches stage here."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def deployable_models(self) -> dict[str, nn.Module]:
+        """Plain torchvision models to save, by checkpoint-name suffix (DML saves one per peer)."""
+        return {"": self.student}

@@ -1,0 +1,72 @@
+"""BYOT: Zhang et al., "Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks
+via Self Distillation" (ICCV 2019)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.base import Distiller
+from kd.hinton import kd_loss
+from models import ExitHead, FeatureTap, stage_channels
+
+EXIT_STAGES = {"layer1": 8, "layer2": 4, "layer3": 2}  # stage -> downsampling factor to layer4
+
+
+def byot_loss_terms(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], targets: torch.Tensor,
+                    alpha: float = 0.1, temperature: float = 3.0, feat_weight: float = 1e-6
+                    ) -> dict[str, torch.Tensor]:
+    """The three weighted terms of `byot_loss`; the deepest exit (last) teaches the shallow ones."""
+    *shallow_logits, deepest_logits = exit_logits
+    *shallow_feats, deepest_feat = [f.float() for f in exit_feats]
+    deepest_feat = deepest_feat.detach()
+    loss_ce = sum(F.cross_entropy(z, targets) for z in exit_logits)
+    loss_kd = sum(kd_loss(z, deepest_logits, temperature) for z in shallow_logits)
+    loss_feat = sum((((f - deepest_feat) ** 2) * ((f > 0) | (deepest_feat > 0))).sum() for f in shallow_feats)
+    return {"loss_ce": (1 - alpha) * loss_ce, "loss_kd": alpha * loss_kd, "loss_feat": feat_weight * loss_feat}
+
+
+def byot_loss(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], targets: torch.Tensor,
+              alpha: float = 0.1, temperature: float = 3.0, feat_weight: float = 1e-6) -> torch.Tensor:
+    """(1-a)·Σ_all CE + a·Σ_shallow T²·KL(σ_T(z_C)‖σ_T(z_i)) + w·Σ_shallow Σ (F_i-F_C)²·1{F_i>0 or F_C>0}."""
+    return sum(byot_loss_terms(exit_logits, exit_feats, targets, alpha, temperature, feat_weight).values())
+
+
+class BYOT(Distiller):
+    """A ResNet with three auxiliary exits after layer1-3; the heads are dropped when saving."""
+    teacher_column = "None (self)"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, alpha: float,
+                 temperature: float, feat_weight: float):
+        super().__init__(student, None)
+        self.alpha, self.temperature, self.feat_weight = alpha, temperature, feat_weight
+        num_classes, width = student.fc.out_features, student.fc.in_features
+        self.heads = nn.ModuleDict({stage: ExitHead(stage_channels(student, stage), stride, out_channels=width)
+                                    for stage, stride in EXIT_STAGES.items()})
+        self.classifiers = nn.ModuleDict({stage: nn.Linear(width, num_classes) for stage in EXIT_STAGES})
+        self.tap = FeatureTap(student, [*EXIT_STAGES, "avgpool"])
+
+    def _exits(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits and pooled features of every exit, shallow -> deepest (the student's own fc)."""
+        deepest_logits = self.student(images)
+        feats = [self.heads[stage](self.tap[stage]) for stage in EXIT_STAGES]
+        logits = [self.classifiers[stage](f) for stage, f in zip(EXIT_STAGES, feats)]
+        return logits + [deepest_logits], feats + [self.tap["avgpool"].flatten(1)]
+
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, feats = self._exits(images)
+        return logits[-1], byot_loss_terms(logits, feats, targets, self.alpha, self.temperature,
+                                           self.feat_weight)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, _ = self._exits(images)
+        ensemble = torch.stack([z.float().softmax(dim=1) for z in logits]).mean(dim=0).log()
+        exits = {f"exit{i + 1}": z for i, z in enumerate(logits[:-1])}
+        return {"student": logits[-1], **exits, "ensemble": ensemble}
+
+    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
+        val = history[best_epoch - 1]["val"]
+        return {"exit_accuracies": [val["exit1"], val["exit2"], val["exit3"], val["student"]],
+                "ensemble_accuracy": val["ensemble"]}

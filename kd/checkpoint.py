@@ -1,0 +1,76 @@
+"""Atomic writes and safe checkpoint loading.
+
+Every file the project writes goes to a temporary file in the same folder and is then renamed over
+the target, so a crash or `kill -9` leaves either the old file or the new one, never half of one.
+Checkpoints hold only tensors and primitives: `{"model": state_dict, "meta": {...}}`, loadable with
+`torch.load(path, weights_only=True)`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kd.config import UserError
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it into place."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write to '{path.parent}' ({err.strerror}): choose a writable folder "
+                        "(--logs-dir / --checkpoints-dir) or free some space") from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write '{path}' ({err.strerror}): free some space or choose another "
+                        "folder; files written earlier are intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
+    """Save a model's weights (moved to CPU, contiguous) with its metadata, atomically."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"model": state, "meta": meta}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with `weights_only=True`; a damaged or foreign file is a UserError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"'{path}' is not a readable checkpoint ({reason[:120]}): delete it or pass "
+                        "--retrain-teacher to train a new one") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "meta" not in checkpoint:
+        raise UserError(f"'{path}' is not a checkpoint of this project (no model/meta): delete it or pass "
+                        "--retrain-teacher")
+    return checkpoint

@@ -1,0 +1,192 @@
+"""Validation of the config dicts in final.py and of `--set section.key=value` overrides.
+
+Every key is checked by name against one table of rules, so a typo anywhere (dict or command line)
+fails with the closest valid key instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import inspect
+import re
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """Bad input or configuration. The command line prints it as one line and exits with code 2."""
+
+
+ARCHS = ("ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STEMS = ("auto", "cifar", "imagenet")
+SCHEDULERS = ("step", "onecycle")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key -> (allowed range in words, predicate). Keys shared by several sections share one rule.
+Rule = tuple[str, Callable[[Any], bool]]
+_POSITIVE_INT: Rule = ("an integer >= 1", lambda v: _is_int(v) and v >= 1)
+_NON_NEG: Rule = ("a number >= 0", lambda v: _is_num(v) and v >= 0)
+_POSITIVE: Rule = ("a number > 0", lambda v: _is_num(v) and v > 0)
+_BOOL: Rule = ("true or false", lambda v: isinstance(v, bool))
+_PATH: Rule = ("a non-empty path", lambda v: isinstance(v, str) and v.strip() != "")
+_TRAIN_RULES: dict[str, Rule] = {
+    "model": (f"one of {', '.join(ARCHS)}", lambda v: v in ARCHS),
+    "epochs": _POSITIVE_INT,
+    "lr": _POSITIVE,
+    "batch_size": _POSITIVE_INT,
+    "momentum": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
+    "weight_decay": _NON_NEG,
+    "scheduler": (f"one of {', '.join(SCHEDULERS)}", lambda v: v in SCHEDULERS),
+    "step_size": _POSITIVE_INT,
+    "gamma": ("a number in (0, 1]", lambda v: _is_num(v) and 0 < v <= 1),
+    "warmup_epochs": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "zero_init_residual": _BOOL,
+}
+_EXPERIMENT_RULES: dict[str, Rule] = {
+    "data_dir": _PATH,
+    "methods": ("a non-empty list of method names", lambda v: isinstance(v, list) and len(v) > 0),
+    "seeds": ("a non-empty list of distinct integers >= 0",
+              lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(s) and s >= 0 for s in v)
+              and len(set(v)) == len(v)),
+    "device": ("auto, cpu, cuda, cuda:N or mps",
+               lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None),
+    "precision": (f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
+    "image_size": ("\"auto\" or an integer in [8, 1024]",
+                   lambda v: v == "auto" or (_is_int(v) and 8 <= v <= 1024)),
+    "stem": (f"one of {', '.join(STEMS)}", lambda v: v in STEMS),
+    "hflip": _BOOL,
+    "cache_max_gb": _NON_NEG,
+    "num_workers": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "logs_dir": _PATH,
+    "checkpoints_dir": _PATH,
+    "retrain_teacher": _BOOL,
+    "skip_bad_images": _BOOL,
+}
+# Method settings are checked by name; which names a method accepts comes from its Distiller.
+_METHOD_RULES: dict[str, Rule] = {
+    "temperature": _POSITIVE,
+    "ce_weight": _NON_NEG,
+    "kd_weight": _NON_NEG,
+    "kl_weight": _NON_NEG,
+    "feat_weight": _NON_NEG,
+    "beta": _NON_NEG,
+    "alpha": ("a number in [0, 1]", lambda v: _is_num(v) and 0 <= v <= 1),
+    "p": _POSITIVE,
+    "num_peers": ("an integer >= 2", lambda v: _is_int(v) and v >= 2),
+    "two_stage": _BOOL,
+    "alternate": _BOOL,
+    "hint_epochs": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "hint_layer": ("one of layer1, layer2, layer3, layer4",
+                   lambda v: v in ("layer1", "layer2", "layer3", "layer4")),
+}
+SECTIONS = {"teacher": _TRAIN_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES}
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.0)
+    return f"did you mean '{match[0]}'? " if match else ""
+
+
+def _check_keys(where: str, given: dict, valid: list[str]) -> None:
+    for key in given:
+        if key not in valid:
+            raise UserError(f"unknown config key '{where}.{key}': {_closest(str(key), valid)}"
+                            f"valid keys: {', '.join(valid)}")
+    missing = [k for k in valid if k not in given]
+    if missing:
+        raise UserError(f"config '{where}' lacks key(s) {', '.join(missing)}: add them (see final.py)")
+
+
+def _check_value(where: str, key: str, value: Any, rule: Rule) -> None:
+    allowed, ok = rule
+    if not ok(value):
+        raise UserError(f"bad value {where}.{key}={value!r}: must be {allowed}")
+
+
+def method_keys(distiller_cls: type) -> list[str]:
+    """The settings a method accepts: its Distiller's keyword-only constructor arguments."""
+    params = inspect.signature(distiller_cls.__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def validate_section(section: str, cfg: dict) -> dict:
+    """Return a checked deep copy of one of the teacher/student/experiment dicts."""
+    rules = SECTIONS[section]
+    _check_keys(section, cfg, list(rules))
+    for key, value in cfg.items():
+        _check_value(section, key, value, rules[key])
+    return copy.deepcopy(cfg)
+
+
+def validate_methods(methods_cfg: dict, registry: dict[str, type]) -> dict:
+    """Return a checked deep copy of METHODS_CONFIG against the registered Distillers."""
+    _check_keys("methods", methods_cfg, list(registry))
+    for name, settings in methods_cfg.items():
+        _check_keys(f"methods.{name}", settings, method_keys(registry[name]))
+        for key, value in settings.items():
+            _check_value(f"methods.{name}", key, value, _METHOD_RULES[key])
+    return copy.deepcopy(methods_cfg)
+
+
+def resolve_method_names(names: list[str], registry: dict[str, type]) -> list[str]:
+    """Map case-insensitive method names to the registry's spelling, keeping the given order."""
+    by_lower = {name.lower(): name for name in registry}
+    resolved = []
+    for name in names:
+        canonical = by_lower.get(str(name).strip().lower())
+        if canonical is None:
+            raise UserError(f"unknown method '{name}': valid methods are {', '.join(registry)}")
+        if canonical not in resolved:
+            resolved.append(canonical)
+    return resolved
+
+
+def parse_value(text: str) -> Any:
+    """Parse a `--set` value: Python/JSON literals (numbers, lists, true/false/null), else a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def apply_overrides(config: dict, assignments: list[str]) -> None:
+    """Apply `section.key=value` (or `methods.NAME.key=value`) assignments to the config in place."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise UserError(f"--set '{assignment}' is not of the form section.key=value "
+                            "(e.g. --set student.lr=0.05)")
+        path, value = assignment.split("=", 1)
+        parts = path.strip().split(".")
+        sections = list(config)
+        if parts[0] not in config:
+            raise UserError(f"unknown config section '{parts[0]}' in --set {assignment}: "
+                            f"{_closest(parts[0], sections)}valid sections: {', '.join(sections)}")
+        target = config[parts[0]]
+        for depth, part in enumerate(parts[1:-1], start=1):
+            if part not in target:
+                where = ".".join(parts[:depth])
+                raise UserError(f"unknown config key '{where}.{part}' in --set {assignment}: "
+                                f"{_closest(part, list(target))}valid keys: {', '.join(target)}")
+            target = target[part]
+        if len(parts) < 2 or not isinstance(target, dict):
+            raise UserError(f"--set '{assignment}' must name a key, e.g. --set student.lr=0.05")
+        key = parts[-1]
+        if key not in target:
+            where = ".".join(parts[:-1])
+            raise UserError(f"unknown config key '{where}.{key}' in --set {assignment}: "
+                            f"{_closest(key, list(target))}valid keys: {', '.join(target)}")
+        target[key] = parse_value(value)

@@ -1,0 +1,66 @@
+"""FitNets: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.base import Distiller
+from kd.hinton import kd_loss
+from models import FeatureTap, stage_channels
+
+# The paper's second stage is plain KD; METHOD_SPEC fixes its settings.
+STAGE2_TEMPERATURE, STAGE2_CE_WEIGHT, STAGE2_KD_WEIGHT = 4.0, 0.1, 0.9
+
+
+def hint_loss(student_regressed: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the regressed student hint and the teacher's guided layer."""
+    return F.mse_loss(student_regressed.float(), teacher_feat.detach().float())
+
+
+class Regressor(nn.Module):
+    """1x1 conv + BN + ReLU from the student's channels to the teacher's (resized if sizes differ)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.relu(self.bn(self.conv(x)))
+
+
+class FitNets(Distiller):
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, hint_layer: str, ce_weight: float,
+                 beta: float, two_stage: bool, hint_epochs: int | None):
+        super().__init__(student, teacher)
+        self.hint_layer, self.ce_weight, self.beta = hint_layer, ce_weight, beta
+        self.two_stage, self.hint_epochs = two_stage, hint_epochs
+        self.regressor = Regressor(stage_channels(student, hint_layer), stage_channels(teacher, hint_layer))
+        self.student_tap = FeatureTap(student, [hint_layer])
+        self.teacher_tap = FeatureTap(teacher, [hint_layer])
+        self.hint_stage = False
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        stage1_epochs = self.hint_epochs or max(1, round(0.1 * epochs))
+        self.hint_stage = self.two_stage and epoch < stage1_epochs
+
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.student(images)
+        teacher_logits = self.teacher_forward(images)
+        if self.two_stage and not self.hint_stage:
+            return logits, {
+                "loss_ce": STAGE2_CE_WEIGHT * F.cross_entropy(logits, targets),
+                "loss_kd": STAGE2_KD_WEIGHT * kd_loss(logits, teacher_logits, STAGE2_TEMPERATURE),
+            }
+        guided = self.teacher_tap[self.hint_layer]
+        hint = hint_loss(self.regressor(self.student_tap[self.hint_layer], guided.shape[-2:]), guided)
+        if self.hint_stage:  # stage 1 trains only the layers up to the hint (and the regressor)
+            return logits, {"loss_hint": hint}
+        return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits, targets),
+                        "loss_hint": self.beta * hint}

@@ -1,0 +1,102 @@
+"""Command line for the knowledge-distillation comparison (see README.md, or run with --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  python run_experiment.py --demo                  # digits demo, offline, a few minutes on a CPU
+  python run_experiment.py                         # your images in data/train/<class>/, data/val/<class>/
+  python run_experiment.py --data ~/flowers --methods KD,AT --student-epochs 20
+  python run_experiment.py --check                 # validate data and config, train nothing
+  python run_experiment.py --set student.lr=0.05 --set methods.KD.temperature=2
+
+The settings themselves live in the dicts at the top of final.py.
+Results: logs/final_experiment_YYYYMMDD_HHMMSS/; curves: tensorboard --logdir logs/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, as for every other bad input
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Train a ResNet50 teacher, then ResNet18 students with Baseline, KD, AT, "
+                            "FitNets, DML and BYOT under the same conditions, and compare them.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true",
+                   help="run on scikit-learn's bundled digits (exported to data/digits/), with a quick preset")
+    p.add_argument("--data", metavar="DIR", help="data folder with train/ and val/ (optional test/); default: data")
+    p.add_argument("--methods", metavar="A,B", help="comma-separated methods to run, case-insensitive "
+                                                    "(Baseline, KD, AT, FitNets, DML, BYOT); default: all")
+    p.add_argument("--seeds", metavar="0,1,2", help="comma-separated seeds; every method runs once per seed")
+    p.add_argument("--teacher-epochs", type=int, metavar="N", help="teacher training epochs")
+    p.add_argument("--student-epochs", type=int, metavar="N", help="student training epochs (every method)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="batch size for teacher and students")
+    p.add_argument("--device", metavar="NAME", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", metavar="P", help="auto, fp32, bf16 or fp16 (auto: the fastest safe choice)")
+    p.add_argument("--retrain-teacher", action="store_true",
+                   help="train a new teacher even if checkpoints/teachers/ holds one that fits")
+    p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
+    p.add_argument("--check", action="store_true", help="check data and config, print the plan, train nothing")
+    p.add_argument("--logs-dir", metavar="DIR", help="where experiment folders and TensorBoard runs go (logs)")
+    p.add_argument("--checkpoints-dir", metavar="DIR", help="where checkpoints go (checkpoints)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. teacher.lr=0.05 or methods.AT.beta=500 (repeatable)")
+    return p
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from kd.config import UserError
+    try:
+        return [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise UserError(f"{flag} '{text}' must be comma-separated integers, e.g. {flag} 0,1,2") from None
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The final.py dicts (demo preset if asked), then --set, then the dedicated flags."""
+    import final
+    from kd.config import apply_overrides
+    from kd.data import export_digits_demo
+
+    config = final.default_config(demo=args.demo)
+    apply_overrides(config, args.set)
+    exp = config["experiment"]
+    if args.demo:
+        export_digits_demo(Path(exp["data_dir"]))
+    flags = {("experiment", "data_dir"): args.data,
+             ("experiment", "methods"): args.methods and [m for m in args.methods.split(",") if m.strip()],
+             ("experiment", "seeds"): args.seeds and _int_list(args.seeds, "--seeds"),
+             ("teacher", "epochs"): args.teacher_epochs, ("student", "epochs"): args.student_epochs,
+             ("teacher", "batch_size"): args.batch_size, ("student", "batch_size"): args.batch_size,
+             ("experiment", "device"): args.device, ("experiment", "precision"): args.precision,
+             ("experiment", "logs_dir"): args.logs_dir, ("experiment", "checkpoints_dir"): args.checkpoints_dir,
+             ("experiment", "retrain_teacher"): args.retrain_teacher or None,
+             ("experiment", "skip_bad_images"): args.skip_bad_images or None}
+    for (section, key), value in flags.items():
+        if value is not None:
+            config[section][key] = value
+    return config
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kd.config import UserError
+    import final
+    try:
+        records = final.main(config_from_args(args), check_only=args.check)
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished runs are saved in the experiment folder\n")
+        return 130
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
