@@ -209,6 +209,8 @@ def run_method(method: str, seed: int, config: dict, data: ImageData, stem: str,
     except RunFailed as failure:
         log.error("%s failed: %s", method, failure)
         record.update(status="failed", reason=str(failure))
+    finally:
+        distiller.close()
     return record
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.base import Distiller
-from models import STAGES, FeatureTap
+from models import STAGES
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -34,8 +34,8 @@ class AT(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, *, p: float, ce_weight: float, beta: float):
         super().__init__(student, teacher)
         self.p, self.ce_weight, self.beta = p, ce_weight, beta
-        self.student_tap = FeatureTap(student, STAGES)
-        self.teacher_tap = FeatureTap(teacher, STAGES)
+        self.student_tap = self.tap(student, STAGES)
+        self.teacher_tap = self.tap(teacher, STAGES)
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

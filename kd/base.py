@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import FeatureTap
+
 
 class Distiller(nn.Module):
     """A student (plus whatever a method trains with it) and, optionally, a frozen teacher.
@@ -21,8 +23,20 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher
+        self._taps: list[FeatureTap] = []
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+
+    def tap(self, model: nn.Module, names: list[str] | tuple[str, ...]) -> FeatureTap:
+        """Forward hooks on `model` (often the shared teacher), removed again by `close()`."""
+        self._taps.append(FeatureTap(model, names))
+        return self._taps[-1]
+
+    def close(self) -> None:
+        """Remove this method's hooks, so the teacher is clean for the next method."""
+        for feature_tap in self._taps:
+            feature_tap.remove()
+        self._taps.clear()
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

@@ -8,7 +8,7 @@ from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import ExitHead, FeatureTap, stage_channels
+from models import ExitHead, stage_channels
 
 EXIT_STAGES = {"layer1": 8, "layer2": 4, "layer3": 2}  # stage -> downsampling factor to layer4
 
@@ -44,14 +44,14 @@ class BYOT(Distiller):
         self.heads = nn.ModuleDict({stage: ExitHead(stage_channels(student, stage), stride, out_channels=width)
                                     for stage, stride in EXIT_STAGES.items()})
         self.classifiers = nn.ModuleDict({stage: nn.Linear(width, num_classes) for stage in EXIT_STAGES})
-        self.tap = FeatureTap(student, [*EXIT_STAGES, "avgpool"])
+        self.features = self.tap(student, [*EXIT_STAGES, "avgpool"])
 
     def _exits(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Logits and pooled features of every exit, shallow -> deepest (the student's own fc)."""
         deepest_logits = self.student(images)
-        feats = [self.heads[stage](self.tap[stage]) for stage in EXIT_STAGES]
+        feats = [self.heads[stage](self.features[stage]) for stage in EXIT_STAGES]
         logits = [self.classifiers[stage](f) for stage, f in zip(EXIT_STAGES, feats)]
-        return logits + [deepest_logits], feats + [self.tap["avgpool"].flatten(1)]
+        return logits + [deepest_logits], feats + [self.features["avgpool"].flatten(1)]
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import FeatureTap, stage_channels
+from models import stage_channels
 
 # The paper's second stage is plain KD; METHOD_SPEC fixes its settings.
 STAGE2_TEMPERATURE, STAGE2_CE_WEIGHT, STAGE2_KD_WEIGHT = 4.0, 0.1, 0.9
@@ -41,8 +41,8 @@ class FitNets(Distiller):
         self.hint_layer, self.ce_weight, self.beta = hint_layer, ce_weight, beta
         self.two_stage, self.hint_epochs = two_stage, hint_epochs
         self.regressor = Regressor(stage_channels(student, hint_layer), stage_channels(teacher, hint_layer))
-        self.student_tap = FeatureTap(student, [hint_layer])
-        self.teacher_tap = FeatureTap(teacher, [hint_layer])
+        self.student_tap = self.tap(student, [hint_layer])
+        self.teacher_tap = self.tap(teacher, [hint_layer])
         self.hint_stage = False
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
