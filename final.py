@@ -143,29 +143,46 @@ def validate_config(config: dict) -> dict:
 def _model_meta(arch: str, data: ImageData, stem: str) -> dict:
     return {"arch": arch, "num_classes": len(data.class_names), "class_names": data.class_names,
             "image_size": data.image_size, "stem": stem, "mean": data.mean, "std": data.std,
-            "data_fingerprint": data.fingerprint, "torch_version": torch.__version__}
+            "data_fingerprint": data.fingerprint, "torch_version": str(torch.__version__)}
 
 
-def obtain_teacher(config: dict, data: ImageData, stem: str, runtime: Runtime, paths: dict
-                   ) -> tuple[torch.nn.Module, dict]:
-    """Reuse the saved teacher when it fits this data set, else train one; return it and its record."""
+def teacher_prefix(config: dict) -> Path:
+    arch = config["teacher"]["model"]
+    return Path(config["experiment"]["checkpoints_dir"]) / "teachers" / f"{arch}_teacher"
+
+
+def reusable_teacher(config: dict, data: ImageData, stem: str) -> dict | None:
+    """The saved teacher checkpoint if one exists and fits this data; a misfit is a UserError.
+
+    Checked before anything is written, so a mismatch leaves no half-started experiment behind.
+    """
+    best_path = Path(f"{teacher_prefix(config)}_best.pth")
+    if config["experiment"]["retrain_teacher"] or not best_path.exists():
+        return None
+    checkpoint = load_checkpoint(best_path)
+    wanted = _model_meta(config["teacher"]["model"], data, stem)
+    for key in ("arch", "class_names", "image_size", "stem"):
+        if checkpoint["meta"].get(key) != wanted[key]:
+            raise UserError(f"teacher checkpoint '{best_path}' does not fit this data: {key} is "
+                            f"{checkpoint['meta'].get(key)!r} there but {wanted[key]!r} here; pass "
+                            "--retrain-teacher to train a new teacher (it replaces that file)")
+    return checkpoint
+
+
+def obtain_teacher(config: dict, data: ImageData, stem: str, runtime: Runtime, paths: dict,
+                   checkpoint: dict | None) -> tuple[torch.nn.Module, dict]:
+    """Reuse the fitting saved teacher (`checkpoint`), else train one; return it and its record."""
     cfg, arch = config["teacher"], config["teacher"]["model"]
-    prefix = paths["checkpoints"] / "teachers" / f"{arch}_teacher"
+    prefix = teacher_prefix(config)
     best_path = Path(f"{prefix}_best.pth")
-    teacher = build_resnet(arch, len(data.class_names), stem, cfg["zero_init_residual"])
     record = {"method": "Teacher", "model": arch, "teacher": "None", "seed": config["experiment"]["seeds"][0],
               "status": "ok", "checkpoint": str(best_path)}
-    if best_path.exists() and not config["experiment"]["retrain_teacher"]:
-        checkpoint = load_checkpoint(best_path)
-        wanted = _model_meta(arch, data, stem)
-        for key in ("arch", "class_names", "image_size", "stem"):
-            if checkpoint["meta"].get(key) != wanted[key]:
-                raise UserError(f"teacher checkpoint '{best_path}' does not fit this data: {key} is "
-                                f"{checkpoint['meta'].get(key)!r} there but {wanted[key]!r} here; pass "
-                                "--retrain-teacher to train a new teacher (it replaces that file)")
+    torch.manual_seed(record["seed"])
+    teacher = runtime.place(build_resnet(arch, len(data.class_names), stem, cfg["zero_init_residual"]))
+    if checkpoint is not None:
         teacher.load_state_dict(checkpoint["model"])
         meta = checkpoint["meta"]
-        scores = {split: evaluate(Baseline(runtime.place(teacher)), data, split, cfg["batch_size"], runtime)["student"]
+        scores = {split: evaluate(Baseline(teacher), data, split, cfg["batch_size"], runtime)["student"]
                   for split in data.splits if split != "train"}
         log.info("Reusing teacher %s (val accuracy %.4f, epoch %d); pass --retrain-teacher to train a new one",
                  best_path, scores["val"], meta["epoch"])
@@ -174,14 +191,11 @@ def obtain_teacher(config: dict, data: ImageData, stem: str, runtime: Runtime, p
                       test_accuracy=scores.get("test"), reused=True)
         return teacher.eval(), record
     log.info("Training teacher %s for %d epochs", arch, cfg["epochs"])
-    torch.manual_seed(record["seed"])
-    teacher = build_resnet(arch, len(data.class_names), stem, cfg["zero_init_residual"])
-    spec = RunSpec("Teacher", cfg, record["seed"], paths["logs"] / "teachers" / f"{arch}_Teacher_Final_{paths['stamp']}",
-                   prefix, {**_model_meta(arch, data, stem), "config": cfg, "epochs": cfg["epochs"]})
-    result = fit(Baseline(teacher), data, spec, runtime)
-    record.update(result, reused=False)
-    best = load_checkpoint(best_path)
-    teacher.load_state_dict(best["model"])  # distil from the best epoch, as the reuse path does
+    spec = RunSpec("Teacher", cfg, record["seed"],
+                   paths["logs"] / "teachers" / f"{arch}_Teacher_Final_{paths['stamp']}", prefix,
+                   {**_model_meta(arch, data, stem), "config": cfg, "epochs": cfg["epochs"]})
+    record.update(fit(Baseline(teacher), data, spec, runtime), reused=False)
+    teacher.load_state_dict(load_checkpoint(best_path)["model"])  # distil from the best epoch, like a reuse
     return teacher.eval(), record
 
 
@@ -246,6 +260,7 @@ def main(config: dict | None = None, check_only: bool = False) -> list[dict]:
     config, data, stem, runtime = prepare(config if config is not None else default_config())
     exp = config["experiment"]
     print(describe_plan(config, data, stem, runtime))
+    saved_teacher = reusable_teacher(config, data, stem)
     if check_only:
         print("check passed: data and config are valid; nothing was trained")
         return []
@@ -258,7 +273,7 @@ def main(config: dict | None = None, check_only: bool = False) -> list[dict]:
                "data": {"root": str(data.root), "classes": data.class_names, "counts": data.counts,
                         "image_size": data.image_size, "stem": stem}}
     started = time.perf_counter()
-    teacher, teacher_record = obtain_teacher(config, data, stem, runtime, paths)
+    teacher, teacher_record = obtain_teacher(config, data, stem, runtime, paths, saved_teacher)
     records = [teacher_record]
     summary["teacher"] = {k: teacher_record[k] for k in ("checkpoint", "best_accuracy", "reused")}
     write_results(exp_dir, records, summary)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,9 +65,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with `weights_only=True`; a damaged or foreign file is a UserError naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"'{path}' is not a readable checkpoint ({reason[:120]}): delete it or pass "
+    except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        reason = reason[0][:120] if reason else type(err).__name__
+        raise UserError(f"'{path}' is not a readable checkpoint ({reason}): delete it or pass "
                         "--retrain-teacher to train a new one") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "meta" not in checkpoint:
         raise UserError(f"'{path}' is not a checkpoint of this project (no model/meta): delete it or pass "

@@ -39,8 +39,10 @@ def _layout_error(problem: str, root: Path) -> UserError:
                      "python run_experiment.py --demo")
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def _is_image(path: Path, folder: Path) -> bool:
+    """An image file not hidden itself nor inside a hidden folder (.ipynb_checkpoints, ...)."""
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return path.is_file() and not hidden and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -79,7 +81,7 @@ def scan_dataset(root: Path) -> tuple[list[str], dict[str, SplitFiles]]:
         for label, name in enumerate(classes):
             folder = root / split / name
             entries = sorted(folder.rglob("*"))
-            images = [p for p in entries if _is_image(p)]
+            images = [p for p in entries if _is_image(p, folder)]
             ignored += sum(1 for p in entries if p.is_file()) - len(images)
             if not images:
                 raise UserError(f"class folder '{folder}' holds no images: add images "
@@ -160,21 +162,28 @@ class Split:
             return
         loader = torch.utils.data.DataLoader(self.files, batch_size=batch_size, sampler=order.tolist(),
                                              num_workers=num_workers, persistent_workers=False)
-        yield from loader
+        try:
+            yield from loader
+        except UserError as err:  # re-raised from a worker with its traceback: keep the one-line message
+            raise UserError(str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
-def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool, desc: str
-                ) -> tuple[torch.Tensor, list[tuple[Path, int]], int]:
+def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool, desc: str, keep: bool = True
+                ) -> tuple[torch.Tensor | None, list[tuple[Path, int]], int]:
+    """Decode every image once (kept in memory when `keep`), dropping unreadable ones if `skip_bad`."""
     images, kept, bad = [], [], 0
     for path, label in tqdm(samples, desc=desc, unit="img", leave=False, disable=None):
         try:
-            images.append(decode(path, image_size))
-            kept.append((path, label))
+            image = decode(path, image_size)
         except UserError:
             if not skip_bad:
                 raise
             bad += 1
-    return torch.stack(images), kept, bad
+            continue
+        kept.append((path, label))
+        if keep:
+            images.append(image)
+    return (torch.stack(images) if keep else None), kept, bad
 
 
 @dataclass
@@ -260,8 +269,8 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
     for name, split_files in files.items():
         samples = split_files.samples
         images = None
-        if fits:
-            images, samples, skipped = _decode_all(samples, size, skip_bad_images, f"decoding {name}")
+        if fits or skip_bad_images:  # streamed sets are checked up front only when bad images may be skipped
+            images, samples, skipped = _decode_all(samples, size, skip_bad_images, f"decoding {name}", keep=fits)
             bad += skipped
         labels = torch.tensor([label for _, label in samples])
         splits[name] = Split(_DecodedFiles(samples, size), labels, images)
@@ -304,6 +313,9 @@ def export_digits_demo(root: str | Path) -> Path:
     index = np.arange(len(pixels))
     train_idx, rest = train_test_split(index, test_size=0.4, stratify=digits.target, random_state=0)
     val_idx, test_idx = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=0)
+    if root.exists() and any(root.iterdir()):
+        raise UserError(f"demo folder '{root}' exists but is not a complete export (no train/ and val/): "
+                        "move it away and run --demo again")
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for split, ids in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
@@ -311,11 +323,6 @@ def export_digits_demo(root: str | Path) -> Path:
             folder = staging / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[i], mode="L").save(folder / f"digit_{i:04d}.png")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists() and any(root.iterdir()):
-        shutil.rmtree(staging)
-        raise UserError(f"demo folder '{root}' exists but is not a complete export (no train/ and val/): "
-                        "move it away and run --demo again")
     if root.exists():
         root.rmdir()
     os.replace(staging, root)

@@ -6,6 +6,7 @@ SGD, evaluates every named output of `predict` each epoch, keeps the best epoch 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -122,6 +123,14 @@ class RunSpec:
     meta: dict                # checkpoint metadata shared by best and final
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short sha256 of tensors' bytes: records show that runs started alike (weights, first batch)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accuracy: float, started: float) -> None:
     meta = {**spec.meta, "epoch": epoch, "best_accuracy": best_accuracy,
             "training_time": time.perf_counter() - started}
@@ -141,6 +150,7 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
     writer = SummaryWriter(str(spec.tensorboard_dir))
     history: list[dict] = []
     best_score, best_epoch, test_at_best = -1.0, 0, None
+    student_init = tensor_digest(*distiller.student.state_dict().values())
     started = time.perf_counter()
     try:
         for epoch in tqdm(range(cfg["epochs"]), desc=spec.name, unit="epoch", disable=None):
@@ -172,6 +182,8 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
         "training_time": elapsed,
         "epochs": cfg["epochs"],
         "images_per_s": sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
+        "student_init_sha256": student_init,
+        "first_batch_sha256": history[0]["first_batch_sha256"],
         **distiller.record_extras(history, best_epoch),
         "history": history,
     }
@@ -189,7 +201,10 @@ def _train_epoch(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: 
     batches = tqdm(data.train_batches(spec.seed, epoch, cfg["batch_size"], runtime.device, runtime.channels_last),
                    total=math.ceil(data.counts["train"] / cfg["batch_size"]), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=None)
+    first_batch = None
     for step, (images, labels) in enumerate(batches):
+        if first_batch is None:
+            first_batch = tensor_digest(images, labels)
         with runtime.autocast():
             logits, losses = distiller.forward_train(images, labels)
             loss = sum(losses.values())
@@ -212,7 +227,8 @@ def _train_epoch(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: 
         raise RunFailed(f"{spec.name} (seed {spec.seed}) diverged in epoch {epoch + 1}: loss "
                         f"{losses_mean}; try a lower lr or --precision fp32")
     return {"epoch": epoch + 1, "lr": lr, "train_loss": losses_mean, "train_accuracy": correct.item() / seen,
-            "images": seen, "train_seconds": seconds, "images_per_s": seen / seconds}
+            "images": seen, "train_seconds": seconds, "images_per_s": seen / seconds,
+            "first_batch_sha256": first_batch}
 
 
 def _log_epoch(writer: SummaryWriter, spec: RunSpec, entry: dict) -> None:

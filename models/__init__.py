@@ -40,8 +40,7 @@ def build_resnet(arch: str, num_classes: int, stem: str, zero_init_residual: boo
 def stage_channels(model: nn.Module, stage: str) -> int:
     """Output channels of a ResNet stage, read from its last block (Bottleneck or BasicBlock)."""
     block = getattr(model, stage)[-1]
-    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
-    return last_bn.num_features
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
 
 
 class FeatureTap:
@@ -68,11 +67,19 @@ class FeatureTap:
             handle.remove()
 
 
+def _last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm closing each residual branch (what `zero_init_residual` zeroes)."""
+    blocks = [block for stage in STAGES for block in getattr(model, stage)]
+    return [block.bn3 if hasattr(block, "bn3") else block.bn2 for block in blocks]
+
+
 def reinitialize_resnet(model: nn.Module) -> nn.Module:
     """Draw fresh weights with torchvision's ResNet initialisation scheme (from the global RNG).
 
-    Used for DML's extra peers: same architecture and stem as the student, a different start.
+    Used for DML's extra peers: same architecture and stem as the student, a different start; a model
+    built with `zero_init_residual` keeps its residual branches zeroed.
     """
+    zero_init_residual = all(not bn.weight.any() for bn in _last_bns(model))
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -81,6 +88,9 @@ def reinitialize_resnet(model: nn.Module) -> nn.Module:
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             module.reset_parameters()
+    if zero_init_residual:
+        for bn in _last_bns(model):
+            nn.init.zeros_(bn.weight)
     return model
 
 

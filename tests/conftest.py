@@ -60,7 +60,7 @@ def _make_image_folder(root, classes=("a", "b", "c"), per_class=None, size=8, se
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_image_folder():
     """The folder writer as a fixture: make_image_folder(root, classes=..., per_class=..., size=...)."""
     return _make_image_folder

@@ -292,10 +292,6 @@ def test_export_digits_demo_refuses_a_partial_folder(tmp_path):
     assert not (tmp_path / "digits.partial").exists()
 
 
-# --- known gaps (see the report that came with these tests) -------------------------------------------
-
-@pytest.mark.xfail(strict=True, reason="streaming path (data over cache_max_gb) ignores skip_bad_images: "
-                                       "_channel_stats decodes the bad file and raises")
 def test_streaming_path_honours_skip_bad_images(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data")
     (root / "train" / "a" / "broken.png").write_bytes(b"garbage")
@@ -303,8 +299,6 @@ def test_streaming_path_honours_skip_bad_images(tmp_path, make_image_folder):
     assert data.counts["train"] == 18
 
 
-@pytest.mark.xfail(strict=True, reason="images inside hidden sub-folders of a class folder "
-                                       "(e.g. .ipynb_checkpoints/) are taken as training images")
 def test_hidden_subfolders_inside_a_class_are_ignored(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data")
     hidden = root / "train" / "a" / ".ipynb_checkpoints"

@@ -4,7 +4,7 @@ ResNet18 student / ResNet50 teacher with the CIFAR stem, 3 classes, 4 images of 
 """
 from __future__ import annotations
 
-import math
+import copy
 
 import pytest
 import torch
@@ -28,6 +28,18 @@ EXPECTED_KEYS = {
 
 
 # ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and a busy CPU cannot stall the thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_TEACHER_CACHE: list[torch.nn.Module] = []
+
+
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
@@ -40,16 +52,21 @@ def make_student(seed: int = 0) -> torch.nn.Module:
     return build_resnet("ResNet18", NUM_CLASSES, "cifar")
 
 
-def make_teacher(seed: int = 100) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    teacher = build_resnet("ResNet50", NUM_CLASSES, "cifar")
-    # non-default BN statistics, so that "unchanged" is a real check
-    with torch.no_grad():
-        for m in teacher.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return teacher.eval()
+def make_teacher() -> torch.nn.Module:
+    """A fresh copy of one ResNet50 (built once per module: its initialisation is the slow part)."""
+    if not _TEACHER_CACHE:
+        rng = torch.get_rng_state()
+        torch.manual_seed(100)
+        teacher = build_resnet("ResNet50", NUM_CLASSES, "cifar")
+        # non-default BN statistics, so that "unchanged" is a real check
+        with torch.no_grad():
+            for m in teacher.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        torch.set_rng_state(rng)
+        _TEACHER_CACHE.append(teacher)
+    return copy.deepcopy(_TEACHER_CACHE[0]).eval()
 
 
 def make_distiller(name: str, seed: int = 0, **overrides):
@@ -415,3 +432,20 @@ def test_fitnets_stage1_trains_only_up_to_hint_layer():
                                                                     "num_batches_tracked"))}
     assert moved and not any(k.startswith(("layer3", "layer4", "fc")) for k in moved)
     assert changed(teacher_before, distiller.teacher) == set()
+
+
+# ----------------------------------------------------------------------------- hooks cleanup
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_KEYS))
+def test_close_removes_every_hook(name):
+    # the trainer shares one teacher across methods: a finished method must leave no hooks on it
+    distiller = make_distiller(name)
+    models = [distiller.student] + ([distiller.teacher] if distiller.teacher is not None else [])
+    if name in ("AT", "FitNets", "BYOT"):
+        assert _hook_count(distiller.student) > 0
+    distiller.close()
+    assert all(_hook_count(m) == 0 for m in models)
+    distiller.close()  # idempotent

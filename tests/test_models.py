@@ -87,7 +87,8 @@ def test_feature_tap_outputs_carry_gradients():
 
 META = {"arch": "ResNet18", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 16,
         "stem": "cifar", "epoch": 2, "best_accuracy": 0.5, "config": {"lr": 0.01, "scheduler": "step"},
-        "data_fingerprint": "abc", "mean": [0.1, 0.2, 0.3], "torch_version": torch.__version__, "hint": None}
+        "data_fingerprint": "abc", "mean": [0.1, 0.2, 0.3], "torch_version": str(torch.__version__), "hint": None}
+# str(): torch.__version__ is a TorchVersion object, which torch.load(weights_only=True) refuses
 
 
 def test_checkpoint_loads_into_plain_torchvision(tmp_path):
@@ -160,11 +161,14 @@ def test_load_truncated_checkpoint_names_the_file(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["text", "foreign_pickle", "plain_state_dict", "missing"])
+@pytest.mark.parametrize("kind", [
+    "text", "binary_garbage", "foreign_pickle", "plain_state_dict", "missing"])
 def test_load_non_checkpoint_names_the_file(tmp_path, kind):
     path = tmp_path / "thing.pth"
     if kind == "text":
         path.write_text("hello, I am not a checkpoint\n")
+    elif kind == "binary_garbage":
+        path.write_bytes(bytes(range(256)) * 4)
     elif kind == "foreign_pickle":
         torch.save({"model": nn.Linear(2, 2)}, path)  # a whole module: refused by weights_only
     elif kind == "plain_state_dict":
