@@ -80,12 +80,14 @@ EXPERIMENT_CONFIG = {
 }
 
 # `--demo`: scikit-learn's digits, small enough for a 2-core CPU, through the very same code path.
-# ResNet50 learns slowly on 1,078 tiny images with the seed's schedule, so the demo teacher warms up
-# and anneals (one-cycle) with zero-initialised residual branches.
+# Measured on that CPU: with the seed's constant lr 0.1 a ResNet50 diverges on 1,078 tiny images; with
+# zero-initialised residual branches and a warm-up + cosine ("onecycle") schedule peaking at lr 0.05 it
+# reaches 0.96 val accuracy in 5 epochs. 12 px (not the digits' native 8 px) keeps layer4 at 2x2, where
+# BatchNorm statistics are stable; at 1x1 the teacher's gradients explode.
 DEMO_PRESET = {
-    "teacher": {"epochs": 8, "scheduler": "onecycle", "warmup_epochs": 1, "zero_init_residual": True},
-    "student": {"epochs": 6},
-    "experiment": {"data_dir": "data/digits", "hflip": False},
+    "teacher": {"epochs": 6, "lr": 0.05, "scheduler": "onecycle", "warmup_epochs": 1, "zero_init_residual": True},
+    "student": {"epochs": 4, "scheduler": "onecycle"},
+    "experiment": {"data_dir": "data/digits", "hflip": False, "image_size": 12},
 }
 
 log = logging.getLogger("kd")
@@ -246,7 +248,8 @@ def describe_plan(config: dict, data: ImageData, stem: str, runtime: Runtime) ->
         f"data: {data.root} - {len(data.class_names)} classes ({', '.join(data.class_names[:12])}"
         f"{', ...' if len(data.class_names) > 12 else ''}); images: {counts}; "
         f"{data.ignored_files} non-image file(s) ignored",
-        f"images: {data.image_size}x{data.image_size} px, {stem} stem, horizontal flip {'on' if exp['hflip'] else 'off'}",
+        f"images: {data.image_size}x{data.image_size} px, {stem} stem, "
+        f"horizontal flip {'on' if exp['hflip'] else 'off'}",
         f"device: {runtime.device}, precision {runtime.precision}",
         f"teacher: {config['teacher']['model']}, {config['teacher']['epochs']} epochs",
         f"students: {config['student']['model']}, {config['student']['epochs']} epochs, methods "

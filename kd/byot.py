@@ -28,7 +28,11 @@ def byot_loss_terms(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tens
 
 def byot_loss(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], targets: torch.Tensor,
               alpha: float = 0.1, temperature: float = 3.0, feat_weight: float = 1e-6) -> torch.Tensor:
-    """(1-a)·Σ_all CE + a·Σ_shallow T²·KL(σ_T(z_C)‖σ_T(z_i)) + w·Σ_shallow Σ (F_i-F_C)²·1{F_i>0 or F_C>0}."""
+    """BYOT's loss, exits ordered shallow -> deepest (C):
+
+    (1-a)·Σ_all CE(z_i, y) + a·Σ_shallow T²·KL(σ_T(z_C)‖σ_T(z_i))
+    + w·Σ_shallow Σ_elements (F_i-F_C)²·1{F_i>0 or F_C>0}
+    """
     return sum(byot_loss_terms(exit_logits, exit_feats, targets, alpha, temperature, feat_weight).values())
 
 

@@ -153,7 +153,8 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 image batches and labels in the given order."""
         if self.images is not None:
             for start in range(0, len(order), batch_size):

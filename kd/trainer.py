@@ -162,7 +162,8 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
             if entry["score"] > best_score:
                 best_score, best_epoch = entry["score"], epoch + 1
                 if "test" in data.splits:
-                    test_at_best = distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime))
+                    test_at_best = distiller.selection_score(
+                        evaluate(distiller, data, "test", cfg["batch_size"], runtime))
                 _save(distiller, spec, "best", best_epoch, best_score, started)
         _save(distiller, spec, "final", cfg["epochs"], best_score, started)
     except torch.OutOfMemoryError:
