@@ -10,18 +10,14 @@ import functools
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from kd import METHODS
-from kd.checkpoint import load_checkpoint
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
-from kd.data import ImageData, load_image_data
-from kd.report import create_experiment_dir, format_table, setup_logging, write_results
-from kd.trainer import RunFailed, RunSpec, Runtime, evaluate, fit, resolve_device, resolve_precision
-from kd.baseline import Baseline
-from models import build_resnet, resolve_stem
+from kd.experiment import describe_plan, obtain_teacher, prepare, reusable_teacher, run_method
+from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
+from models import build_resnet
 
 TEACHER_CONFIG = {
     "model": "ResNet50",
@@ -142,153 +138,35 @@ def validate_config(config: dict) -> dict:
     return checked
 
 
-def _model_meta(arch: str, data: ImageData, stem: str) -> dict:
-    return {"arch": arch, "num_classes": len(data.class_names), "class_names": data.class_names,
-            "image_size": data.image_size, "stem": stem, "mean": data.mean, "std": data.std,
-            "data_fingerprint": data.fingerprint, "torch_version": str(torch.__version__)}
-
-
-def teacher_prefix(config: dict) -> Path:
-    arch = config["teacher"]["model"]
-    return Path(config["experiment"]["checkpoints_dir"]) / "teachers" / f"{arch}_teacher"
-
-
-def reusable_teacher(config: dict, data: ImageData, stem: str) -> dict | None:
-    """The saved teacher checkpoint if one exists and fits this data; a misfit is a UserError.
-
-    Checked before anything is written, so a mismatch leaves no half-started experiment behind.
-    """
-    best_path = Path(f"{teacher_prefix(config)}_best.pth")
-    if config["experiment"]["retrain_teacher"] or not best_path.exists():
-        return None
-    checkpoint = load_checkpoint(best_path)
-    wanted = _model_meta(config["teacher"]["model"], data, stem)
-    for key in ("arch", "class_names", "image_size", "stem"):
-        if checkpoint["meta"].get(key) != wanted[key]:
-            raise UserError(f"teacher checkpoint '{best_path}' does not fit this data: {key} is "
-                            f"{checkpoint['meta'].get(key)!r} there but {wanted[key]!r} here; pass "
-                            "--retrain-teacher to train a new teacher (it replaces that file)")
-    return checkpoint
-
-
-def obtain_teacher(config: dict, data: ImageData, stem: str, runtime: Runtime, paths: dict,
-                   checkpoint: dict | None) -> tuple[torch.nn.Module, dict]:
-    """Reuse the fitting saved teacher (`checkpoint`), else train one; return it and its record."""
-    cfg, arch = config["teacher"], config["teacher"]["model"]
-    prefix = teacher_prefix(config)
-    best_path = Path(f"{prefix}_best.pth")
-    record = {"method": "Teacher", "model": arch, "teacher": "None", "seed": config["experiment"]["seeds"][0],
-              "status": "ok", "checkpoint": str(best_path)}
-    torch.manual_seed(record["seed"])
-    teacher = runtime.place(build_resnet(arch, len(data.class_names), stem, cfg["zero_init_residual"]))
-    if checkpoint is not None:
-        teacher.load_state_dict(checkpoint["model"])
-        meta = checkpoint["meta"]
-        scores = {split: evaluate(Baseline(teacher), data, split, cfg["batch_size"], runtime)["student"]
-                  for split in data.splits if split != "train"}
-        log.info("Reusing teacher %s (val accuracy %.4f, epoch %d); pass --retrain-teacher to train a new one",
-                 best_path, scores["val"], meta["epoch"])
-        record.update(best_accuracy=scores["val"], final_accuracy=scores["val"], best_epoch=meta["epoch"],
-                      training_time=meta["training_time"], epochs=meta["epochs"],
-                      test_accuracy=scores.get("test"), reused=True)
-        return teacher.eval(), record
-    log.info("Training teacher %s for %d epochs", arch, cfg["epochs"])
-    spec = RunSpec("Teacher", cfg, record["seed"],
-                   paths["logs"] / "teachers" / f"{arch}_Teacher_Final_{paths['stamp']}", prefix,
-                   {**_model_meta(arch, data, stem), "config": cfg, "epochs": cfg["epochs"]})
-    record.update(fit(Baseline(teacher), data, spec, runtime), reused=False)
-    teacher.load_state_dict(load_checkpoint(best_path)["model"])  # distil from the best epoch, like a reuse
-    return teacher.eval(), record
-
-
-def run_method(method: str, seed: int, config: dict, data: ImageData, stem: str, teacher: torch.nn.Module,
-               init_state: dict, runtime: Runtime, paths: dict) -> dict:
-    """Train one ResNet student with one method and return its results record."""
-    cfg, arch = config["student"], config["student"]["model"]
-    distiller_cls = METHODS[method]
-    student = build_resnet(arch, len(data.class_names), stem, cfg["zero_init_residual"])
-    student.load_state_dict(init_state)  # the same starting weights for every method in this seed
-    torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
-    distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None,
-                              **config["methods"][method])
-    seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
-    spec = RunSpec(method, cfg, seed,
-                   paths["logs"] / method / f"{method}_{arch}_Final_{paths['stamp']}{seed_tag}",
-                   paths["checkpoints"] / "students" / f"{method}_{arch}{seed_tag}",
-                   {**_model_meta(arch, data, stem), "method": method, "seed": seed, "epochs": cfg["epochs"],
-                    "config": {**cfg, **config["methods"][method]}})
-    teacher_column = config["teacher"]["model"] if distiller_cls.needs_teacher else distiller_cls.teacher_column
-    record = {"method": method, "model": arch, "teacher": teacher_column, "seed": seed, "status": "ok"}
-    log.info("Training %s student %s with %s (seed %d)", arch, method, config["methods"][method] or "CE only", seed)
-    try:
-        record.update(fit(distiller, data, spec, runtime))
-    except RunFailed as failure:
-        log.error("%s failed: %s", method, failure)
-        record.update(status="failed", reason=str(failure))
-    finally:
-        distiller.close()
-    return record
-
-
-def prepare(config: dict) -> tuple[dict, ImageData, str, Runtime]:
-    """Validate the config, pick device and precision, and check/load the data set."""
-    config = validate_config(config)
-    exp = config["experiment"]
-    device = resolve_device(exp["device"])
-    runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
-    data = load_image_data(exp["data_dir"], exp["image_size"], exp["hflip"], exp["cache_max_gb"],
-                           exp["num_workers"], exp["skip_bad_images"])
-    return config, data, resolve_stem(exp["stem"], data.image_size), runtime
-
-
-def describe_plan(config: dict, data: ImageData, stem: str, runtime: Runtime) -> str:
-    exp = config["experiment"]
-    counts = ", ".join(f"{split} {n}" for split, n in data.counts.items())
-    return "\n".join([
-        f"data: {data.root} - {len(data.class_names)} classes ({', '.join(data.class_names[:12])}"
-        f"{', ...' if len(data.class_names) > 12 else ''}); images: {counts}; "
-        f"{data.ignored_files} non-image file(s) ignored",
-        f"images: {data.image_size}x{data.image_size} px, {stem} stem, "
-        f"horizontal flip {'on' if exp['hflip'] else 'off'}",
-        f"device: {runtime.device}, precision {runtime.precision}",
-        f"teacher: {config['teacher']['model']}, {config['teacher']['epochs']} epochs",
-        f"students: {config['student']['model']}, {config['student']['epochs']} epochs, methods "
-        f"{', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
-    ])
-
-
 def main(config: dict | None = None, check_only: bool = False) -> list[dict]:
     """Run the whole experiment (teacher, then every method x seed) and return its records."""
     setup_logging()
-    config, data, stem, runtime = prepare(config if config is not None else default_config())
-    exp = config["experiment"]
-    print(describe_plan(config, data, stem, runtime))
-    saved_teacher = reusable_teacher(config, data, stem)
+    setup = prepare(validate_config(config if config is not None else default_config()))
+    config, exp = setup.config, setup.config["experiment"]
+    print(describe_plan(setup))
+    saved_teacher = reusable_teacher(setup)
     if check_only:
         print("check passed: data and config are valid; nothing was trained")
         return []
-    exp_dir, stamp = create_experiment_dir(Path(exp["logs_dir"]))
+    exp_dir, setup.stamp = create_experiment_dir(setup.logs)
     setup_logging(exp_dir / "final_experiment.log")
     log.info("Experiment folder: %s", exp_dir)
-    paths = {"logs": Path(exp["logs_dir"]), "checkpoints": Path(exp["checkpoints_dir"]), "stamp": stamp}
-    summary = {"config": config, "experiment_dir": str(exp_dir), "environment": {
-                   "device": str(runtime.device), "precision": runtime.precision},
-               "data": {"root": str(data.root), "classes": data.class_names, "counts": data.counts,
-                        "image_size": data.image_size, "stem": stem}}
+    summary = experiment_summary(setup, exp_dir)
     started = time.perf_counter()
-    teacher, teacher_record = obtain_teacher(config, data, stem, runtime, paths, saved_teacher)
+    teacher, teacher_record = obtain_teacher(setup, saved_teacher)
     records = [teacher_record]
-    summary["teacher"] = {k: teacher_record[k] for k in ("checkpoint", "best_accuracy", "reused")}
+    summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
+                          "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
     write_results(exp_dir, records, summary)
     for seed in exp["seeds"]:
         torch.manual_seed(seed)
-        init_state = build_resnet(config["student"]["model"], len(data.class_names), stem,
+        init_state = build_resnet(config["student"]["model"], len(setup.data.class_names), setup.stem,
                                   config["student"]["zero_init_residual"]).state_dict()
         for method in exp["methods"]:
-            records.append(run_method(method, seed, config, data, stem, teacher, init_state, runtime, paths))
+            records.append(run_method(method, seed, setup, teacher, init_state))
             write_results(exp_dir, records, summary)  # an interrupted experiment still shows its finished runs
     summary["total_time"] = time.perf_counter() - started
-    table = write_results(exp_dir, records, summary)
+    table = write_results(exp_dir, records, summary, final=True)
     print(format_table(table))
     log.info("Total time %.1f s; results in %s", summary["total_time"], exp_dir)
     failed = [r for r in records if r["status"] == "failed"]

@@ -10,6 +10,8 @@ EPILOG = """examples:
   python run_experiment.py                         # your images in data/train/<class>/, data/val/<class>/
   python run_experiment.py --data ~/flowers --methods KD,AT --student-epochs 20
   python run_experiment.py --check                 # validate data and config, train nothing
+  python run_experiment.py --demo --seeds 0,1,2    # three seeds: mean ± std and paired tests
+  python run_experiment.py --report logs/final_experiment_20260101_120000   # redraw its report
   python run_experiment.py --set student.lr=0.05 --set methods.KD.temperature=2
 
 The settings themselves live in the dicts at the top of final.py.
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a new teacher even if checkpoints/teachers/ holds one that fits")
     p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
     p.add_argument("--check", action="store_true", help="check data and config, print the plan, train nothing")
+    p.add_argument("--report", metavar="EXPERIMENT_DIR",
+                   help="rebuild the CSV, summary, plots and report.md of a finished experiment, train nothing")
     p.add_argument("--logs-dir", metavar="DIR", help="where experiment folders and TensorBoard runs go (logs)")
     p.add_argument("--checkpoints-dir", metavar="DIR", help="where checkpoints go (checkpoints)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -88,6 +92,10 @@ def cli(argv: list[str] | None = None) -> int:
     from kd.config import UserError
     import final
     try:
+        if args.report:
+            from kd.report import format_table, rebuild
+            print(format_table(rebuild(args.report)))
+            return 0
         records = final.main(config_from_args(args), check_only=args.check)
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")

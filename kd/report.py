@@ -1,7 +1,12 @@
-"""Results on disk and on screen: the experiment folder, its log, the JSON/CSV/summary files, the table."""
+"""Results on disk and on screen: the experiment folder, its log, the JSON/CSV/summary files, the table,
+the plots and report.md. Everything after training is rebuilt from the stored records alone, so
+`--report DIR` reproduces the same files."""
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import platform
 import sys
 from datetime import datetime
@@ -13,12 +18,15 @@ import torchvision
 from tqdm import tqdm
 
 from kd.checkpoint import write_json, write_text
+from kd.config import UserError
+from kd.metrics import mean_std, paired_comparison
 
 log = logging.getLogger("kd")
 
 TABLE_COLUMNS = ["method", "model", "teacher", "best_accuracy", "training_time", "epochs"]
-CSV_COLUMNS = TABLE_COLUMNS + ["best_accuracy_std", "n_seeds", "final_accuracy", "test_accuracy"]
-
+MEAN_COLUMNS = ["final_accuracy", "test_accuracy", "top5_accuracy", "nll", "ece", "teacher_agreement"]
+CSV_COLUMNS = TABLE_COLUMNS + ["best_accuracy_std", "n_seeds", *MEAN_COLUMNS, "gain_vs_baseline",
+                               "p_value_vs_baseline", "params", "flops", "latency_ms", "images_per_s"]
 
 class _TqdmHandler(logging.Handler):
     """Console log lines that do not tear through the progress bars."""
@@ -60,54 +68,106 @@ def create_experiment_dir(logs_dir: Path) -> tuple[Path, str]:
     raise RuntimeError(f"could not create a new experiment folder in {logs_dir}")
 
 
-def aggregate(records: list[dict]) -> pd.DataFrame:
-    """One row per method (in first-seen order, Teacher first): means over seeds, std, count."""
-    frame = pd.DataFrame([r for r in records if r.get("status", "ok") == "ok"])
-    order = list(dict.fromkeys(frame["method"]))
-    grouped = frame.groupby("method", sort=False)
-    table = grouped.agg(model=("model", "first"), teacher=("teacher", "first"),
-                        best_accuracy=("best_accuracy", "mean"), training_time=("training_time", "mean"),
-                        epochs=("epochs", "first"), best_accuracy_std=("best_accuracy", "std"),
-                        n_seeds=("seed", "count"), final_accuracy=("final_accuracy", "mean"),
-                        test_accuracy=("test_accuracy", "mean"))
-    table["best_accuracy_std"] = table["best_accuracy_std"].fillna(0.0)
-    return table.loc[order].reset_index()[CSV_COLUMNS]
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
-def format_table(table: pd.DataFrame) -> str:
-    shown = table[TABLE_COLUMNS].copy()
-    if (table["n_seeds"] > 1).any():
-        shown["best_accuracy"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(table["best_accuracy"],
-                                                                        table["best_accuracy_std"])]
-    else:
-        shown["best_accuracy"] = shown["best_accuracy"].map("{:.4f}".format)
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per method (Teacher first, then in run order): means over seeds, std, paired statistics."""
+    finished = [r for r in records if r.get("status", "ok") == "ok"]
+    methods = sorted(dict.fromkeys(r["method"] for r in finished), key=lambda m: m != "Teacher")
+    baseline = {r["seed"]: r["best_accuracy"] for r in finished if r["method"] == "Baseline"}
+    rows = []
+    for method in methods:
+        runs = [r for r in finished if r["method"] == method]
+        mean, std = mean_std([r["best_accuracy"] for r in runs])
+        gain, p_value = (None, None) if method in ("Teacher", "Baseline") else paired_comparison(
+            {r["seed"]: r["best_accuracy"] for r in runs}, baseline)
+        rows.append({"method": method, "model": runs[0]["model"], "teacher": runs[0]["teacher"],
+                     "best_accuracy": mean, "training_time": _mean(runs, "training_time"),
+                     "epochs": runs[0]["epochs"], "best_accuracy_std": std, "n_seeds": len(runs),
+                     **{key: _mean(runs, key) for key in MEAN_COLUMNS},
+                     "gain_vs_baseline": 0.0 if method == "Baseline" and baseline else gain,
+                     "p_value_vs_baseline": p_value,
+                     **{key: runs[0].get(key) for key in ("params", "flops", "latency_ms")},
+                     "images_per_s": _mean(runs, "images_per_s")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The console table; `mean ± std` when a method ran with several seeds."""
+    shown = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    shown["best_accuracy"] = [f"{r['best_accuracy']:.4f}" + (f" ± {r['best_accuracy_std']:.4f}"
+                                                              if r["n_seeds"] > 1 else "") for r in rows]
     shown["training_time"] = shown["training_time"].map("{:.2f}".format)
     rule = "=" * 80
     return "\n".join(["KNOWLEDGE DISTILLATION COMPARISON RESULTS", rule,
-                      shown.to_string(index=False), rule])
+                      shown[TABLE_COLUMNS].to_string(index=False), rule])
 
 
-def environment() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads()}
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{device.type}: {cpu}, {os.cpu_count()} cores"
 
 
-def write_results(exp_dir: Path, records: list[dict], summary: dict) -> pd.DataFrame:
-    """Rewrite comparison_results.json/.csv and experiment_summary.json (each atomically)."""
+def experiment_summary(setup, exp_dir: Path) -> dict:
+    """The parts of experiment_summary.json known before training (config, environment, data)."""
+    data = setup.data
+    return {"experiment_dir": str(exp_dir), "config": setup.config,
+            "environment": {"python": platform.python_version(), "torch": str(torch.__version__),
+                            "torchvision": str(torchvision.__version__), "platform": platform.platform(),
+                            "device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
+                            "threads": torch.get_num_threads(), "precision": setup.runtime.precision},
+            "data": {"root": str(data.root), "classes": data.class_names, "counts": data.counts,
+                     "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
+                     "skipped_images": data.bad_images}}
+
+
+def _csv_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_results(exp_dir: Path, records: list[dict], summary: dict, final: bool = False) -> list[dict]:
+    """Rewrite comparison_results.json/.csv and experiment_summary.json (each atomically); at the end
+    of the experiment (`final`) also the plots and report.md."""
     write_json(exp_dir / "comparison_results.json", records)
-    table = aggregate(records)
-    write_text(exp_dir / "comparison_results.csv", table.to_csv(index=False))
-    baseline = table.loc[table["method"] == "Baseline", "best_accuracy"]
-    students = table[table["method"] != "Teacher"]
-    per_method = {
-        row.method: {"mean": row.best_accuracy, "std": row.best_accuracy_std, "n": int(row.n_seeds),
-                     "gain_vs_baseline": (row.best_accuracy - baseline.iloc[0]) if len(baseline) else None}
-        for row in table.itertuples()}
-    best = students.loc[students["best_accuracy"].idxmax(), "method"] if len(students) else None
+    rows = aggregate(records)
+    lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
+    write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
+    students = [row for row in rows if row["method"] != "Teacher"]
+    best = max(students, key=lambda row: row["best_accuracy"])["method"] if students else None
     failed = [{"method": r["method"], "seed": r["seed"], "reason": r["reason"]}
               for r in records if r.get("status") == "failed"]
-    write_json(exp_dir / "experiment_summary.json",
-               {**summary, "environment": {**environment(), **summary.get("environment", {})},
-                "methods": per_method, "best_method": best, "failed_runs": failed})
-    return table
+    summary.update(methods={row["method"]: {"mean": row["best_accuracy"], "std": row["best_accuracy_std"],
+                                            "n": row["n_seeds"], "gain_vs_baseline": row["gain_vs_baseline"],
+                                            "p_value_vs_baseline": row["p_value_vs_baseline"]} for row in rows},
+                   best_method=best, failed_runs=failed)
+    write_json(exp_dir / "experiment_summary.json", summary)
+    if final:
+        from kd.plots import write_plots  # matplotlib is imported only when plots are drawn
+        from kd.report_md import write_report_md
+        plots = write_plots(exp_dir, records, rows, summary["data"]["classes"], best)
+        write_report_md(exp_dir, rows, records, summary, plots)
+    return rows
+
+
+def rebuild(exp_dir: str | Path) -> list[dict]:
+    """`--report DIR`: rebuild CSV, summary, plots and report.md from the stored records."""
+    exp_dir = Path(exp_dir)
+    try:
+        records = json.loads((exp_dir / "comparison_results.json").read_text(encoding="utf-8"))
+        summary = json.loads((exp_dir / "experiment_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"'{exp_dir}' holds no readable comparison_results.json/experiment_summary.json "
+                        f"({err.__class__.__name__}): pass an experiment folder logs/final_experiment_*") from None
+    return write_results(exp_dir, records, summary, final=True)

@@ -97,19 +97,30 @@ def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+@dataclass
+class Evaluation:
+    """Top-1 accuracy of every named output of `predict`, and the "student" output's probabilities."""
+    accuracies: dict[str, float]
+    probs: torch.Tensor   # (N, K) softmax of the "student" output, on the CPU
+    labels: torch.Tensor  # (N,)
+
+
 @torch.no_grad()
-def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int, runtime: Runtime
-             ) -> dict[str, float]:
-    """Top-1 accuracy of every named output of `predict` on a whole split."""
+def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int, runtime: Runtime) -> Evaluation:
+    """Evaluate every named output of `predict` on a whole split."""
     distiller.eval()
     correct: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
+    probs, labels_seen = [], []
     for images, labels in data.eval_batches(split, batch_size, runtime.device, runtime.channels_last):
         with runtime.autocast():
             outputs = distiller.predict(images)
         for name, logits in outputs.items():
             correct[name] += (logits.argmax(dim=1) == labels).sum()
+        probs.append(outputs["student"].float().softmax(dim=1).cpu())
+        labels_seen.append(labels.cpu())
     total = len(data.splits[split])
-    return {name: value.item() / total for name, value in correct.items()}
+    return Evaluation({name: value.item() / total for name, value in correct.items()},
+                      torch.cat(probs), torch.cat(labels_seen))
 
 
 @dataclass
@@ -138,8 +149,9 @@ def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accura
         save_checkpoint(f"{spec.checkpoint_prefix}{suffix}_{tag}.pth", model, meta)
 
 
-def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> dict:
-    """Train `distiller` per `spec.train_cfg` and return its results (best/final accuracy, history...)."""
+def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[dict, Evaluation]:
+    """Train `distiller` per `spec.train_cfg`; return its results (best/final accuracy, history...) and
+    the val evaluation of its best epoch."""
     cfg = spec.train_cfg
     runtime.place(distiller)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -149,21 +161,22 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     writer = SummaryWriter(str(spec.tensorboard_dir))
     history: list[dict] = []
-    best_score, best_epoch, test_at_best = -1.0, 0, None
+    best_score, best_epoch, test_at_best, best_eval = -1.0, 0, None, None
     student_init = tensor_digest(*distiller.student.state_dict().values())
     started = time.perf_counter()
     try:
         for epoch in tqdm(range(cfg["epochs"]), desc=spec.name, unit="epoch", disable=None):
             entry = _train_epoch(distiller, data, spec, runtime, optimizer, scheduler, scaler, epoch)
-            entry["val"] = evaluate(distiller, data, "val", cfg["batch_size"], runtime)
-            entry["score"] = distiller.selection_score(entry["val"])
+            val = evaluate(distiller, data, "val", cfg["batch_size"], runtime)
+            entry["val"] = val.accuracies
+            entry["score"] = distiller.selection_score(val.accuracies)
             history.append(entry)
             _log_epoch(writer, spec, entry)
             if entry["score"] > best_score:
-                best_score, best_epoch = entry["score"], epoch + 1
+                best_score, best_epoch, best_eval = entry["score"], epoch + 1, val
                 if "test" in data.splits:
                     test_at_best = distiller.selection_score(
-                        evaluate(distiller, data, "test", cfg["batch_size"], runtime))
+                        evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
                 _save(distiller, spec, "best", best_epoch, best_score, started)
         _save(distiller, spec, "final", cfg["epochs"], best_score, started)
     except torch.OutOfMemoryError:
@@ -171,8 +184,9 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
                         f"--batch-size (now {cfg['batch_size']}) or --device cpu") from None
     finally:
         writer.close()
-    final_test = (distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime))
-                  if "test" in data.splits else None)
+    final_test = None
+    if "test" in data.splits:
+        final_test = distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
     elapsed = time.perf_counter() - started
     return {
         "best_accuracy": best_score,
@@ -187,7 +201,7 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
         "first_batch_sha256": history[0]["first_batch_sha256"],
         **distiller.record_extras(history, best_epoch),
         "history": history,
-    }
+    }, best_eval
 
 
 def _train_epoch(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime,

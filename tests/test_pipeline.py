@@ -180,7 +180,7 @@ def test_fit_lowers_the_training_loss(tmp_path, make_image_folder):
     model = build_resnet("ResNet18", 3, "cifar")
     spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline_ResNet18",
                    {"arch": "ResNet18", "epochs": 4})
-    result = fit(Baseline(model), data, spec, Runtime(torch.device("cpu"), "fp32", channels_last=False))
+    result, _ = fit(Baseline(model), data, spec, Runtime(torch.device("cpu"), "fp32", channels_last=False))
 
     history = result["history"]
     losses = [entry["train_loss"]["loss_ce"] for entry in history]

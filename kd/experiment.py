@@ -1,0 +1,171 @@
+"""The steps of an experiment that final.main strings together: data and device, teacher, one method run."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kd import METHODS
+from kd.baseline import Baseline
+from kd.checkpoint import load_checkpoint
+from kd.config import UserError
+from kd.data import ImageData, load_image_data
+from kd.metrics import model_cost, prediction_metrics
+from kd.trainer import Evaluation, RunFailed, RunSpec, Runtime, evaluate, fit, resolve_device, resolve_precision
+from models import build_resnet, resolve_stem
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class Setup:
+    """What every run of an experiment shares."""
+    config: dict          # validated
+    data: ImageData
+    stem: str
+    runtime: Runtime
+    logs: Path = Path("logs")
+    checkpoints: Path = Path("checkpoints")
+    stamp: str = ""       # the experiment folder's timestamp, used in TensorBoard run names
+    teacher_predictions: torch.Tensor | None = None  # the teacher's val top-1, for agreement
+
+    def __post_init__(self) -> None:
+        self._costs: dict[str, dict] = {}
+
+    def cost(self, arch: str, model: torch.nn.Module) -> dict:
+        """Params, FLOPs and latency of an architecture, measured once per experiment."""
+        if arch not in self._costs:
+            self._costs[arch] = model_cost(model, self.data.image_size, self.runtime.device, self.runtime.autocast)
+        return self._costs[arch]
+
+
+def prepare(config: dict) -> Setup:
+    """Pick device and precision and check/load the data set for a validated config."""
+    exp = config["experiment"]
+    device = resolve_device(exp["device"])
+    runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
+    data = load_image_data(exp["data_dir"], exp["image_size"], exp["hflip"], exp["cache_max_gb"],
+                           exp["num_workers"], exp["skip_bad_images"])
+    return Setup(config, data, resolve_stem(exp["stem"], data.image_size), runtime,
+                 Path(exp["logs_dir"]), Path(exp["checkpoints_dir"]))
+
+
+def describe_plan(setup: Setup) -> str:
+    config, data, exp = setup.config, setup.data, setup.config["experiment"]
+    counts = ", ".join(f"{split} {n}" for split, n in data.counts.items())
+    return "\n".join([
+        f"data: {data.root} - {len(data.class_names)} classes ({', '.join(data.class_names[:12])}"
+        f"{', ...' if len(data.class_names) > 12 else ''}); images: {counts}; "
+        f"{data.ignored_files} non-image file(s) ignored",
+        f"images: {data.image_size}x{data.image_size} px, {setup.stem} stem, "
+        f"horizontal flip {'on' if exp['hflip'] else 'off'}",
+        f"device: {setup.runtime.device}, precision {setup.runtime.precision}",
+        f"teacher: {config['teacher']['model']}, {config['teacher']['epochs']} epochs",
+        f"students: {config['student']['model']}, {config['student']['epochs']} epochs, methods "
+        f"{', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
+    ])
+
+
+def model_meta(arch: str, setup: Setup) -> dict:
+    data = setup.data
+    return {"arch": arch, "num_classes": len(data.class_names), "class_names": data.class_names,
+            "image_size": data.image_size, "stem": setup.stem, "mean": data.mean, "std": data.std,
+            "data_fingerprint": data.fingerprint, "torch_version": str(torch.__version__)}
+
+
+def teacher_path(setup: Setup, tag: str = "best") -> Path:
+    return setup.checkpoints / "teachers" / f"{setup.config['teacher']['model']}_teacher_{tag}.pth"
+
+
+def reusable_teacher(setup: Setup) -> dict | None:
+    """The saved teacher checkpoint if one exists and fits this data; a misfit is a UserError.
+
+    Checked before anything is written, so a mismatch leaves no half-started experiment behind.
+    """
+    best_path = teacher_path(setup)
+    if setup.config["experiment"]["retrain_teacher"] or not best_path.exists():
+        return None
+    checkpoint = load_checkpoint(best_path)
+    wanted = model_meta(setup.config["teacher"]["model"], setup)
+    for key in ("arch", "class_names", "image_size", "stem"):
+        if checkpoint["meta"].get(key) != wanted[key]:
+            raise UserError(f"teacher checkpoint '{best_path}' does not fit this data: {key} is "
+                            f"{checkpoint['meta'].get(key)!r} there but {wanted[key]!r} here; pass "
+                            "--retrain-teacher to train a new teacher (it replaces that file)")
+    return checkpoint
+
+
+def _complete(record: dict, result: dict, evaluation: Evaluation, setup: Setup, model: torch.nn.Module) -> dict:
+    """Add the run's results, its best epoch's prediction metrics and the model's cost to a record."""
+    record.update(result)
+    record.update(prediction_metrics(evaluation.probs, evaluation.labels, setup.teacher_predictions))
+    record.update(setup.cost(record["model"], model))
+    return record
+
+
+def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[torch.nn.Module, dict]:
+    """Reuse the fitting saved teacher (`checkpoint`), else train one; return it and its record."""
+    cfg, arch = setup.config["teacher"], setup.config["teacher"]["model"]
+    best_path = teacher_path(setup)
+    seed = setup.config["experiment"]["seeds"][0]
+    record = {"method": "Teacher", "model": arch, "teacher": "None", "seed": seed, "status": "ok",
+              "checkpoint": str(best_path)}
+    torch.manual_seed(seed)
+    teacher = setup.runtime.place(build_resnet(arch, len(setup.data.class_names), setup.stem,
+                                               cfg["zero_init_residual"]))
+    if checkpoint is None:
+        log.info("Training teacher %s for %d epochs", arch, cfg["epochs"])
+        spec = RunSpec("Teacher", cfg, seed, setup.logs / "teachers" / f"{arch}_Teacher_Final_{setup.stamp}",
+                       setup.checkpoints / "teachers" / f"{arch}_teacher",
+                       {**model_meta(arch, setup), "config": cfg, "epochs": cfg["epochs"]})
+        result, _ = fit(Baseline(teacher), setup.data, spec, setup.runtime)
+        record["reused"] = False
+        checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
+    else:
+        meta = checkpoint["meta"]
+        result = {"best_epoch": meta["epoch"], "training_time": meta["training_time"], "epochs": meta["epochs"]}
+        record["reused"] = True
+    teacher.load_state_dict(checkpoint["model"])
+    scores = {split: evaluate(Baseline(teacher), setup.data, split, cfg["batch_size"], setup.runtime)
+              for split in setup.data.splits if split != "train"}
+    if record["reused"]:
+        log.info("Reusing teacher %s (val accuracy %.4f, epoch %d); pass --retrain-teacher to train a new one",
+                 best_path, scores["val"].accuracies["student"], checkpoint["meta"]["epoch"])
+        result.update(best_accuracy=scores["val"].accuracies["student"],
+                      final_accuracy=scores["val"].accuracies["student"],
+                      test_accuracy=scores["test"].accuracies["student"] if "test" in scores else None)
+    record["sha256"] = hashlib.sha256(best_path.read_bytes()).hexdigest()
+    _complete(record, result, scores["val"], setup, teacher)
+    setup.teacher_predictions = scores["val"].probs.argmax(dim=1)
+    return teacher.eval(), record
+
+
+def run_method(method: str, seed: int, setup: Setup, teacher: torch.nn.Module, init_state: dict) -> dict:
+    """Train one student with one method and return its results record."""
+    config = setup.config
+    cfg, arch, settings = config["student"], config["student"]["model"], config["methods"][method]
+    distiller_cls = METHODS[method]
+    student = build_resnet(arch, len(setup.data.class_names), setup.stem, cfg["zero_init_residual"])
+    student.load_state_dict(init_state)  # the same starting weights for every method in this seed
+    torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
+    distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)
+    seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
+    spec = RunSpec(method, cfg, seed, setup.logs / method / f"{method}_{arch}_Final_{setup.stamp}{seed_tag}",
+                   setup.checkpoints / "students" / f"{method}_{arch}{seed_tag}",
+                   {**model_meta(arch, setup), "method": method, "seed": seed, "epochs": cfg["epochs"],
+                    "config": {**cfg, **settings}})
+    teacher_column = config["teacher"]["model"] if distiller_cls.needs_teacher else distiller_cls.teacher_column
+    record = {"method": method, "model": arch, "teacher": teacher_column, "seed": seed, "status": "ok"}
+    log.info("Training %s student %s with %s (seed %d)", arch, method, settings or "CE only", seed)
+    try:
+        result, best_val = fit(distiller, setup.data, spec, setup.runtime)
+        _complete(record, result, best_val, setup, student)
+    except RunFailed as failure:
+        log.error("%s failed: %s", method, failure)
+        record.update(status="failed", reason=str(failure))
+    finally:
+        distiller.close()
+    return record

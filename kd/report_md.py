@@ -1,0 +1,97 @@
+"""report.md: the comparison in words a reader can trust, with the table and the figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd.checkpoint import write_text
+
+SIGNIFICANCE = 0.05
+
+IDEAS = {
+    "Teacher": "the ResNet50 the teacher-based methods learn from.",
+    "Baseline": "the student trained alone with cross-entropy: the reference every gain is measured against.",
+    "KD": "Hinton et al. (2015): the student matches the teacher's temperature-softened class probabilities.",
+    "AT": "Zagoruyko & Komodakis (ICLR 2017): the student matches the teacher's spatial attention maps "
+          "after each stage.",
+    "FitNets": "Romero et al. (ICLR 2015): a regressor maps the student's layer2 features onto the teacher's.",
+    "DML": "Zhang et al. (CVPR 2018): two students learn from the labels and from each other, no teacher; "
+           "the accuracy is the mean over peers.",
+    "BYOT": "Zhang et al. (ICCV 2019): the network's deepest exit teaches three auxiliary exits (self-distillation); "
+            "the accuracy is the deepest exit's.",
+}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def verdict(row: dict) -> str:
+    """Plain-language comparison with Baseline that never calls noise a win."""
+    gain, p_value, n = row["gain_vs_baseline"], row["p_value_vs_baseline"], row["n_seeds"]
+    if row["method"] in ("Teacher", "Baseline") or gain is None:
+        return ""
+    points = f"{gain * 100:+.2f} points vs Baseline"
+    if n < 2:
+        return (f"{points} from a single seed: not significant, a single run cannot be told apart from "
+                "run-to-run noise (run with `--seeds 0,1,2`).")
+    if p_value is None:
+        return f"{points} over {n} seeds, identical in every seed: no test possible, treat as not significant."
+    if p_value >= SIGNIFICANCE:
+        return f"{points} over {n} seeds (paired t-test p = {p_value:.3f}): not significant, within noise."
+    direction = "better" if gain > 0 else "worse"
+    return f"{points} over {n} seeds (paired t-test p = {p_value:.3f}): significantly {direction} than Baseline."
+
+
+def write_report_md(exp_dir: Path, rows: list[dict], records: list[dict], summary: dict,
+                    plots: dict[str, str]) -> None:
+    env, data = summary["environment"], summary["data"]
+    table = ["| method | model | teacher | best val accuracy | std | seeds | test | top-5 | NLL | ECE | "
+             "agreement with teacher | gain vs Baseline | p-value | time (s) |",
+             "|---" * 14 + "|"]
+    for r in rows:
+        gain = "" if r["gain_vs_baseline"] is None else f"{r['gain_vs_baseline'] * 100:+.2f} pts"
+        table.append(f"| {r['method']} | {r['model']} | {r['teacher']} | {_fmt(r['best_accuracy'])} | "
+                     f"{_fmt(r['best_accuracy_std'])} | {r['n_seeds']} | {_fmt(r['test_accuracy'])} | "
+                     f"{_fmt(r['top5_accuracy'])} | {_fmt(r['nll'])} | {_fmt(r['ece'])} | "
+                     f"{_fmt(r['teacher_agreement'])} | {gain} | {_fmt(r['p_value_vs_baseline'], 3)} | "
+                     f"{_fmt(r['training_time'], 1)} |")
+    paragraphs = []
+    for r in rows:
+        extra = ""
+        runs = [x for x in records if x["method"] == r["method"] and x.get("status", "ok") == "ok"]
+        if r["method"] == "DML":
+            extra = " Peer accuracies (best per peer): " + "; ".join(
+                ", ".join(f"{a:.4f}" for a in x["peer_accuracies"]) for x in runs) + "."
+        elif r["method"] == "BYOT":
+            extra = " Exit accuracies (shallow → deepest): " + "; ".join(
+                ", ".join(f"{a:.4f}" for a in x["exit_accuracies"]) for x in runs) + \
+                "; ensemble " + ", ".join(f"{x['ensemble_accuracy']:.4f}" for x in runs) + "."
+        paragraphs.append(f"**{r['method']}** — {IDEAS.get(r['method'], '')} Best val accuracy "
+                          f"{r['best_accuracy']:.4f}" + (f" ± {r['best_accuracy_std']:.4f}" if r["n_seeds"] > 1 else "")
+                          + f" over {r['n_seeds']} seed(s).{extra} {verdict(r)}".rstrip())
+    failed = summary.get("failed_runs") or []
+    teacher = summary.get("teacher", {})
+    lines = [
+        "# Knowledge-distillation comparison", "",
+        f"Data: `{data['root']}`, {len(data['classes'])} classes, images per split "
+        f"{', '.join(f'{k} {v}' for k, v in data['counts'].items())}, {data['image_size']} px ({data['stem']} stem). "
+        f"Device: {env.get('device_name', env.get('device'))}, precision {env['precision']}; "
+        f"torch {env['torch']}, torchvision {env['torchvision']}.",
+        "",
+        f"Teacher: `{teacher.get('path', '')}` (val accuracy {_fmt(teacher.get('accuracy'))}, "
+        f"{'reused' if teacher.get('reused') else 'trained in this experiment'}). A weak teacher makes "
+        "distillation look bad: read every distilled result beside it.",
+        "",
+        "Accuracies are fractions of the val split at each run's best val epoch; test accuracy (if a test "
+        "split exists) is taken at that same epoch. Gains are paired per seed against Baseline; a difference "
+        f"counts as significant only when a paired t-test over at least two seeds gives p < {SIGNIFICANCE}.",
+        "", *table, "",
+        *(f"![{name}]({file})" for name, file in plots.items()), "",
+        "## Methods", "", *[p + "\n" for p in paragraphs],
+    ]
+    if failed:
+        lines += ["## Failed runs", "", *(f"- {f['method']} seed {f['seed']}: {f['reason']}" for f in failed), ""]
+    if summary.get("best_method"):
+        lines += ["## Verdict", "", f"Highest mean val accuracy among the students: **{summary['best_method']}**. "
+                  "Whether that beats Baseline beyond noise is said in its paragraph above.", ""]
+    write_text(exp_dir / "report.md", "\n".join(lines))
