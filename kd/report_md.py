@@ -8,7 +8,7 @@ from kd.checkpoint import write_text
 SIGNIFICANCE = 0.05
 
 IDEAS = {
-    "Teacher": "the ResNet50 the teacher-based methods learn from.",
+    "Teacher": "the network KD, AT and FitNets learn from, trained with cross-entropy.",
     "Baseline": "the student trained alone with cross-entropy: the reference every gain is measured against.",
     "KD": "Hinton et al. (2015): the student matches the teacher's temperature-softened class probabilities.",
     "AT": "Zagoruyko & Komodakis (ICLR 2017): the student matches the teacher's spatial attention maps "
@@ -91,7 +91,10 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[dict], summar
     ]
     if failed:
         lines += ["## Failed runs", "", *(f"- {f['method']} seed {f['seed']}: {f['reason']}" for f in failed), ""]
-    if summary.get("best_method"):
-        lines += ["## Verdict", "", f"Highest mean val accuracy among the students: **{summary['best_method']}**. "
-                  "Whether that beats Baseline beyond noise is said in its paragraph above.", ""]
+    best = summary.get("best_method")
+    if best == "Baseline":
+        lines += ["## Verdict", "", "No method beat **Baseline** on mean val accuracy.", ""]
+    elif best:
+        lines += ["## Verdict", "", f"Highest mean val accuracy among the students: **{best}**; whether that "
+                  "beats Baseline beyond noise is said in its paragraph above.", ""]
     write_text(exp_dir / "report.md", "\n".join(lines))
