@@ -10,12 +10,14 @@ import functools
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from kd import METHODS
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
 from kd.experiment import describe_plan, obtain_teacher, prepare, reusable_teacher, run_method
+from kd.resume import first_difference
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
 from models import build_resnet
 
@@ -145,34 +147,60 @@ def validate_config(config: dict) -> dict:
     return checked
 
 
-def main(config: dict | None = None, check_only: bool = False) -> list[dict]:
-    """Run the whole experiment (teacher, then every method x seed) and return its records."""
+def main(config: dict | None = None, check_only: bool = False, resume: tuple[Path, list, dict] | None = None
+         ) -> list[dict]:
+    """Run the whole experiment (teacher, then every method x seed) and return its records.
+
+    `resume` = (folder, records, summary) of an unfinished experiment (kd.resume.find_unfinished): its
+    finished runs are kept, an interrupted run continues from its last epoch.
+    """
     setup_logging()
-    setup = prepare(validate_config(config if config is not None else default_config()))
+    setup = prepare(validate_config(config if config is not None else default_config()), decode_all=check_only)
     config, exp = setup.config, setup.config["experiment"]
     print(describe_plan(setup))
-    saved_teacher = reusable_teacher(setup)
+    if resume is not None:
+        exp_dir, records, summary = resume
+        difference = first_difference(summary["config"], config)
+        if summary["data"]["fingerprint"] != setup.data.fingerprint:
+            difference = f"the images in {setup.data.root} changed"
+        if difference:
+            raise UserError(f"cannot resume {exp_dir}: {difference}; resume with the same settings or start "
+                            "a new experiment without --resume")
+        records = [r for r in records if r["status"] == "ok"]  # failed runs are tried again
+        setup.stamp = summary["stamp"]
+    saved_teacher = reusable_teacher(setup, resume_records=records if resume else None)
     if check_only:
         print("check passed: data and config are valid; nothing was trained")
         return []
-    exp_dir, setup.stamp = create_experiment_dir(setup.logs)
+    if resume is None:
+        exp_dir, setup.stamp = create_experiment_dir(setup.logs)
+        records, summary = [], experiment_summary(setup, exp_dir)
+        write_results(exp_dir, records, summary)  # from now on the experiment can be resumed
+    setup.exp_dir = exp_dir
     setup_logging(exp_dir / "final_experiment.log")
-    log.info("Experiment folder: %s", exp_dir)
-    summary = experiment_summary(setup, exp_dir)
-    started = time.perf_counter()
-    teacher, teacher_record = obtain_teacher(setup, saved_teacher)
-    records = [teacher_record]
-    summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
-                          "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
-    write_results(exp_dir, records, summary)
-    for seed in exp["seeds"]:
-        torch.manual_seed(seed)
-        init_state = build_resnet(config["student"]["model"], len(setup.data.class_names), setup.stem,
-                                  config["student"]["zero_init_residual"]).state_dict()
-        for method in exp["methods"]:
-            records.append(run_method(method, seed, setup, teacher, init_state))
-            write_results(exp_dir, records, summary)  # an interrupted experiment still shows its finished runs
-    summary["total_time"] = time.perf_counter() - started
+    log.info("Experiment folder: %s%s", exp_dir, " (resumed)" if resume else "")
+    started = time.perf_counter() - summary.get("total_time", 0.0)
+    try:
+        teacher, teacher_record = obtain_teacher(setup, saved_teacher)
+        if not records:
+            records.append(teacher_record)
+            summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
+                                  "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
+        _finish_run(setup, records, summary, "Teacher", records[0]["seed"], started)
+        for seed in exp["seeds"]:
+            torch.manual_seed(seed)
+            init_state = build_resnet(config["student"]["model"], len(setup.data.class_names), setup.stem,
+                                      config["student"]["zero_init_residual"]).state_dict()
+            for method in exp["methods"]:
+                if any(r["method"] == method and r["seed"] == seed for r in records):
+                    continue  # finished before an interruption
+                records.append(run_method(method, seed, setup, teacher, init_state))
+                _finish_run(setup, records, summary, method, seed, started)
+    except KeyboardInterrupt:
+        log.error("Interrupted. Finished runs are saved; continue with: python run_experiment.py --resume %s",
+                  exp_dir)
+        raise
+    summary["finished"] = True
     table = write_results(exp_dir, records, summary, final=True)
     print(format_table(table))
     log.info("Total time %.1f s; results in %s", summary["total_time"], exp_dir)
@@ -181,6 +209,14 @@ def main(config: dict | None = None, check_only: bool = False) -> list[dict]:
         log.error("%d run(s) failed: %s", len(failed), "; ".join(f"{r['method']} seed {r['seed']}: {r['reason']}"
                                                                   for r in failed))
     return records
+
+
+def _finish_run(setup, records: list[dict], summary: dict, name: str, seed: int, started: float) -> None:
+    """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
+    run's resume state: from here on the run counts as finished."""
+    summary["total_time"] = time.perf_counter() - started
+    write_results(setup.exp_dir, records, summary)
+    setup.resume_path(name, seed).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ EPILOG = """examples:
   python run_experiment.py                         # your images in data/train/<class>/, data/val/<class>/
   python run_experiment.py --data ~/flowers --methods KD,AT --student-epochs 20
   python run_experiment.py --check                 # validate data and config, train nothing
+  python run_experiment.py --resume                # continue the latest interrupted experiment
   python run_experiment.py --demo --seeds 0,1,2    # three seeds: mean ± std and paired tests
   python run_experiment.py --report logs/final_experiment_20260101_120000   # redraw its report
   python run_experiment.py --set student.lr=0.05 --set methods.KD.temperature=2
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="batch size for teacher and students")
     p.add_argument("--device", metavar="NAME", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", metavar="P", help="auto, fp32, bf16 or fp16 (auto: the fastest safe choice)")
+    p.add_argument("--resume", nargs="?", const="", metavar="EXPERIMENT_DIR",
+                   help="continue the latest unfinished experiment (or the one named): finished runs are kept, "
+                        "an interrupted run goes on from its last epoch")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train a new teacher even if checkpoints/teachers/ holds one that fits")
     p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
@@ -61,13 +65,15 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} '{text}' must be comma-separated integers, e.g. {flag} 0,1,2") from None
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-    """The final.py dicts (demo preset if asked), then --set, then the dedicated flags."""
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """The final.py dicts (demo preset if asked) or `base`, then --set, then the dedicated flags."""
+    import copy
+
     import final
     from kd.config import apply_overrides
     from kd.data import export_digits_demo
 
-    config = final.default_config(demo=args.demo)
+    config = copy.deepcopy(base) if base is not None else final.default_config(demo=args.demo)
     apply_overrides(config, args.set)
     exp = config["experiment"]
     if args.demo:
@@ -96,12 +102,18 @@ def cli(argv: list[str] | None = None) -> int:
             from kd.report import format_table, rebuild
             print(format_table(rebuild(args.report)))
             return 0
-        records = final.main(config_from_args(args), check_only=args.check)
+        config = config_from_args(args)
+        resume = None
+        if args.resume is not None:  # continue with the stored settings; given flags must not change them
+            from kd.resume import find_unfinished
+            resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
+            config = config_from_args(args, base=resume[2]["config"])
+        records = final.main(config, check_only=args.check, resume=resume)
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished runs are saved in the experiment folder\n")
+    except KeyboardInterrupt:  # final.main has logged where the finished runs are and how to resume
+        sys.stderr.write("interrupted\n")
         return 130
     return 1 if any(r["status"] == "failed" for r in records) else 0
 

@@ -53,23 +53,32 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def save_state(path: str | Path, state: dict) -> None:
+    """torch.save of tensors and primitives, atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_state(path: str | Path, fix: str = "delete it or pass --retrain-teacher to train a new one") -> dict:
+    """torch.load with `weights_only=True`; a damaged or foreign file is a UserError naming it and `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        reason = reason[0][:120] if reason else type(err).__name__
+        raise UserError(f"'{path}' is not a readable checkpoint ({reason}): {fix}") from None
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     """Save a model's weights (moved to CPU, contiguous) with its metadata, atomically."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"model": state, "meta": meta}, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    save_state(path, {"model": state, "meta": meta})
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with `weights_only=True`; a damaged or foreign file is a UserError naming it."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-        reason = reason[0][:120] if reason else type(err).__name__
-        raise UserError(f"'{path}' is not a readable checkpoint ({reason}): delete it or pass "
-                        "--retrain-teacher to train a new one") from None
+    checkpoint = load_state(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "meta" not in checkpoint:
         raise UserError(f"'{path}' is not a checkpoint of this project (no model/meta): delete it or pass "
                         "--retrain-teacher")

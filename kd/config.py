@@ -92,7 +92,9 @@ SECTIONS = {"teacher": _TRAIN_RULES, "student": _TRAIN_RULES, "experiment": _EXP
 
 
 def _closest(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.0)
+    """A suggestion: the key the word abbreviates to (learning_rate -> lr), else the most similar one."""
+    initials = "".join(part[:1] for part in word.lower().split("_"))
+    match = [c for c in choices if c == initials] or difflib.get_close_matches(word, choices, n=1, cutoff=0.0)
     return f"did you mean '{match[0]}'? " if match else ""
 
 

@@ -259,8 +259,13 @@ def _fingerprint(root: Path, splits: dict[str, SplitFiles]) -> str:
 
 
 def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: bool = True,
-                    cache_max_gb: float = 4.0, num_workers: int = 2, skip_bad_images: bool = False) -> ImageData:
-    """Check and load an ImageFolder data set; decode it into memory when it fits `cache_max_gb`."""
+                    cache_max_gb: float = 4.0, num_workers: int = 2, skip_bad_images: bool = False,
+                    decode_all: bool = False) -> ImageData:
+    """Check and load an ImageFolder data set; decode it into memory when it fits `cache_max_gb`.
+
+    A streamed set is decoded once up front only to find unreadable images (`decode_all`, or when
+    they may be skipped); otherwise a bad image stops the run when it is first read.
+    """
     root = Path(root)
     class_names, files = scan_dataset(root)
     size = auto_image_size(files["train"].samples) if image_size == "auto" else int(image_size)
@@ -270,7 +275,7 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
     for name, split_files in files.items():
         samples = split_files.samples
         images = None
-        if fits or skip_bad_images:  # streamed sets are checked up front only when bad images may be skipped
+        if fits or skip_bad_images or decode_all:
             images, samples, skipped = _decode_all(samples, size, skip_bad_images, f"decoding {name}", keep=fits)
             bad += skipped
         labels = torch.tensor([label for _, label in samples])

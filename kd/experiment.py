@@ -30,10 +30,15 @@ class Setup:
     logs: Path = Path("logs")
     checkpoints: Path = Path("checkpoints")
     stamp: str = ""       # the experiment folder's timestamp, used in TensorBoard run names
+    exp_dir: Path | None = None
     teacher_predictions: torch.Tensor | None = None  # the teacher's val top-1, for agreement
 
     def __post_init__(self) -> None:
         self._costs: dict[str, dict] = {}
+
+    def resume_path(self, name: str, seed: int) -> Path:
+        """Where a run keeps its state between epochs (removed once its record is written)."""
+        return self.exp_dir / "resume" / f"{name}_seed{seed}.pt"
 
     def cost(self, arch: str, model: torch.nn.Module) -> dict:
         """Params, FLOPs and latency of an architecture, measured once per experiment."""
@@ -42,13 +47,14 @@ class Setup:
         return self._costs[arch]
 
 
-def prepare(config: dict) -> Setup:
-    """Pick device and precision and check/load the data set for a validated config."""
+def prepare(config: dict, decode_all: bool = False) -> Setup:
+    """Pick device and precision and check/load the data set for a validated config (`decode_all`:
+    read every image once even when the set is too big to keep in memory, as --check does)."""
     exp = config["experiment"]
     device = resolve_device(exp["device"])
     runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
     data = load_image_data(exp["data_dir"], exp["image_size"], exp["hflip"], exp["cache_max_gb"],
-                           exp["num_workers"], exp["skip_bad_images"])
+                           exp["num_workers"], exp["skip_bad_images"], decode_all)
     return Setup(config, data, resolve_stem(exp["stem"], data.image_size), runtime,
                  Path(exp["logs_dir"]), Path(exp["checkpoints_dir"]))
 
@@ -80,12 +86,23 @@ def teacher_path(setup: Setup, tag: str = "best") -> Path:
     return setup.checkpoints / "teachers" / f"{setup.config['teacher']['model']}_teacher_{tag}.pth"
 
 
-def reusable_teacher(setup: Setup) -> dict | None:
-    """The saved teacher checkpoint if one exists and fits this data; a misfit is a UserError.
+def reusable_teacher(setup: Setup, resume_records: list[dict] | None = None) -> dict | None:
+    """The saved teacher checkpoint to reuse, or None to train one; a misfit is a UserError.
 
+    A teacher counts as finished when its best and final checkpoints come from the same run; a resumed
+    experiment keeps its own teacher (the file must be unchanged) or continues training it.
     Checked before anything is written, so a mismatch leaves no half-started experiment behind.
     """
     best_path = teacher_path(setup)
+    if resume_records is not None:
+        stored = next((r for r in resume_records if r["method"] == "Teacher"), None)
+        if stored is None:
+            return None  # the teacher's own training was interrupted: it continues from its state
+        checkpoint = load_checkpoint(stored["checkpoint"])
+        if hashlib.sha256(Path(stored["checkpoint"]).read_bytes()).hexdigest() != stored["sha256"]:
+            raise UserError(f"cannot resume: teacher checkpoint '{stored['checkpoint']}' changed since the "
+                            "experiment started; start a new experiment without --resume")
+        return checkpoint
     if setup.config["experiment"]["retrain_teacher"] or not best_path.exists():
         return None
     checkpoint = load_checkpoint(best_path)
@@ -95,6 +112,10 @@ def reusable_teacher(setup: Setup) -> dict | None:
             raise UserError(f"teacher checkpoint '{best_path}' does not fit this data: {key} is "
                             f"{checkpoint['meta'].get(key)!r} there but {wanted[key]!r} here; pass "
                             "--retrain-teacher to train a new teacher (it replaces that file)")
+    final_path = teacher_path(setup, "final")
+    if not final_path.exists() or load_checkpoint(final_path)["meta"].get("run") != checkpoint["meta"].get("run"):
+        log.info("Teacher checkpoint %s is from an unfinished training run: training a new teacher", best_path)
+        return None
     return checkpoint
 
 
@@ -120,7 +141,8 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[torch.nn.Modu
         log.info("Training teacher %s for %d epochs", arch, cfg["epochs"])
         spec = RunSpec("Teacher", cfg, seed, setup.logs / "teachers" / f"{arch}_Teacher_Final_{setup.stamp}",
                        setup.checkpoints / "teachers" / f"{arch}_teacher",
-                       {**model_meta(arch, setup), "config": cfg, "epochs": cfg["epochs"]})
+                       {**model_meta(arch, setup), "config": cfg, "epochs": cfg["epochs"], "run": setup.stamp},
+                       setup.resume_path("Teacher", seed))
         result, _ = fit(Baseline(teacher), setup.data, spec, setup.runtime)
         record["reused"] = False
         checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
@@ -156,7 +178,7 @@ def run_method(method: str, seed: int, setup: Setup, teacher: torch.nn.Module, i
     spec = RunSpec(method, cfg, seed, setup.logs / method / f"{method}_{arch}_Final_{setup.stamp}{seed_tag}",
                    setup.checkpoints / "students" / f"{method}_{arch}{seed_tag}",
                    {**model_meta(arch, setup), "method": method, "seed": seed, "epochs": cfg["epochs"],
-                    "config": {**cfg, **settings}})
+                    "config": {**cfg, **settings}}, setup.resume_path(method, seed))
     teacher_column = config["teacher"]["model"] if distiller_cls.needs_teacher else distiller_cls.teacher_column
     record = {"method": method, "model": arch, "teacher": teacher_column, "seed": seed, "status": "ok"}
     log.info("Training %s student %s with %s (seed %d)", arch, method, settings or "CE only", seed)

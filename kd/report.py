@@ -57,15 +57,19 @@ def setup_logging(log_file: Path | None = None) -> None:
 def create_experiment_dir(logs_dir: Path) -> tuple[Path, str]:
     """A new `final_experiment_YYYYMMDD_HHMMSS` folder; a suffix keeps same-second starts apart."""
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        name = f"final_experiment_{stamp}" + (f"_{attempt + 1}" if attempt else "")
-        try:
-            (logs_dir / name).mkdir()
-            return logs_dir / name, name.removeprefix("final_experiment_")
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new experiment folder in {logs_dir}")
+    try:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            name = f"final_experiment_{stamp}" + (f"_{attempt + 1}" if attempt else "")
+            try:
+                (logs_dir / name).mkdir()
+                return logs_dir / name, name.removeprefix("final_experiment_")
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(f"cannot create an experiment folder in '{logs_dir}' ({err.strerror}): choose a "
+                        "writable --logs-dir") from None
+    raise UserError(f"could not find a free experiment folder name in '{logs_dir}'")
 
 
 def _mean(records: list[dict], key: str) -> float | None:
@@ -121,12 +125,13 @@ def device_name(device: torch.device) -> str:
 def experiment_summary(setup, exp_dir: Path) -> dict:
     """The parts of experiment_summary.json known before training (config, environment, data)."""
     data = setup.data
-    return {"experiment_dir": str(exp_dir), "config": setup.config,
+    return {"experiment_dir": str(exp_dir), "stamp": setup.stamp, "config": setup.config,
             "environment": {"python": platform.python_version(), "torch": str(torch.__version__),
                             "torchvision": str(torchvision.__version__), "platform": platform.platform(),
                             "device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
                             "threads": torch.get_num_threads(), "precision": setup.runtime.precision},
-            "data": {"root": str(data.root), "classes": data.class_names, "counts": data.counts,
+            "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
+                     "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
                      "skipped_images": data.bad_images}}
 
@@ -161,13 +166,18 @@ def write_results(exp_dir: Path, records: list[dict], summary: dict, final: bool
     return rows
 
 
-def rebuild(exp_dir: str | Path) -> list[dict]:
-    """`--report DIR`: rebuild CSV, summary, plots and report.md from the stored records."""
-    exp_dir = Path(exp_dir)
+def read_experiment(exp_dir: Path) -> tuple[list[dict], dict]:
+    """The stored records and summary of an experiment folder."""
     try:
         records = json.loads((exp_dir / "comparison_results.json").read_text(encoding="utf-8"))
         summary = json.loads((exp_dir / "experiment_summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"'{exp_dir}' holds no readable comparison_results.json/experiment_summary.json "
                         f"({err.__class__.__name__}): pass an experiment folder logs/final_experiment_*") from None
-    return write_results(exp_dir, records, summary, final=True)
+    return records, summary
+
+
+def rebuild(exp_dir: str | Path) -> list[dict]:
+    """`--report DIR`: rebuild CSV, summary, plots and report.md from the stored records."""
+    records, summary = read_experiment(Path(exp_dir))
+    return write_results(Path(exp_dir), records, summary, final=True)

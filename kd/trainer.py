@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from kd.base import Distiller
-from kd.checkpoint import save_checkpoint
+from kd.checkpoint import load_state, save_checkpoint, save_state
 from kd.config import UserError
 from kd.data import ImageData
 
@@ -132,6 +132,7 @@ class RunSpec:
     tensorboard_dir: Path
     checkpoint_prefix: Path   # "<dir>/<METHOD>_<arch>"; "_best.pth"/"_final.pth" are appended
     meta: dict                # checkpoint metadata shared by best and final
+    resume_path: Path | None = None  # the run's state after each epoch: an interrupted run continues here
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -149,9 +150,32 @@ def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accura
         save_checkpoint(f"{spec.checkpoint_prefix}{suffix}_{tag}.pth", model, meta)
 
 
+def _run_state(distiller: Distiller, optimizer, scheduler, scaler, progress: dict, best_eval: Evaluation | None
+               ) -> dict:
+    """Everything an interrupted run needs to continue exactly (the frozen teacher is saved elsewhere)."""
+    return {"distiller": {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(), "progress": progress,
+            "best_eval": None if best_eval is None else vars(best_eval)}
+
+
+def _restore(path: Path, distiller: Distiller, optimizer, scheduler, scaler) -> tuple[dict, Evaluation | None]:
+    state = load_state(path, fix="delete it to restart that run from its first epoch")
+    missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
+    if unexpected or any(not key.startswith("teacher.") for key in missing):
+        raise UserError(f"'{path}' holds another model's state: start a new experiment without --resume")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    best = state["best_eval"]
+    return state["progress"], None if best is None else Evaluation(**best)
+
+
 def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[dict, Evaluation]:
     """Train `distiller` per `spec.train_cfg`; return its results (best/final accuracy, history...) and
-    the val evaluation of its best epoch."""
+    the val evaluation of its best epoch. With `spec.resume_path` set, the state after every epoch is
+    kept there and an existing state is continued from."""
     cfg = spec.train_cfg
     runtime.place(distiller)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -159,26 +183,36 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
     steps_per_epoch = math.ceil(data.counts["train"] / cfg["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    progress = {"history": [], "best_score": -1.0, "best_epoch": 0, "test_at_best": None, "elapsed": 0.0,
+                "student_init": tensor_digest(*distiller.student.state_dict().values())}
+    best_eval = None
+    if spec.resume_path is not None and spec.resume_path.exists():
+        progress, best_eval = _restore(spec.resume_path, distiller, optimizer, scheduler, scaler)
+        log.info("%s seed %d: continuing after epoch %d", spec.name, spec.seed, len(progress["history"]))
+    history = progress["history"]
     writer = SummaryWriter(str(spec.tensorboard_dir))
-    history: list[dict] = []
-    best_score, best_epoch, test_at_best, best_eval = -1.0, 0, None, None
-    student_init = tensor_digest(*distiller.student.state_dict().values())
-    started = time.perf_counter()
+    started = time.perf_counter() - progress["elapsed"]
     try:
-        for epoch in tqdm(range(cfg["epochs"]), desc=spec.name, unit="epoch", disable=None):
+        for epoch in tqdm(range(len(history), cfg["epochs"]), desc=spec.name, unit="epoch", disable=None,
+                          initial=len(history), total=cfg["epochs"]):
             entry = _train_epoch(distiller, data, spec, runtime, optimizer, scheduler, scaler, epoch)
             val = evaluate(distiller, data, "val", cfg["batch_size"], runtime)
             entry["val"] = val.accuracies
             entry["score"] = distiller.selection_score(val.accuracies)
             history.append(entry)
             _log_epoch(writer, spec, entry)
-            if entry["score"] > best_score:
-                best_score, best_epoch, best_eval = entry["score"], epoch + 1, val
+            if entry["score"] > progress["best_score"]:
+                progress.update(best_score=entry["score"], best_epoch=epoch + 1)
+                best_eval = val
                 if "test" in data.splits:
-                    test_at_best = distiller.selection_score(
+                    progress["test_at_best"] = distiller.selection_score(
                         evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
-                _save(distiller, spec, "best", best_epoch, best_score, started)
-        _save(distiller, spec, "final", cfg["epochs"], best_score, started)
+                _save(distiller, spec, "best", epoch + 1, progress["best_score"], started)
+            progress["elapsed"] = time.perf_counter() - started
+            if spec.resume_path is not None:
+                state = _run_state(distiller, optimizer, scheduler, scaler, progress, best_eval)
+                save_state(spec.resume_path, state)
+        _save(distiller, spec, "final", cfg["epochs"], progress["best_score"], started)
     except torch.OutOfMemoryError:
         raise UserError(f"{runtime.device} ran out of memory training {spec.name}: try a smaller "
                         f"--batch-size (now {cfg['batch_size']}) or --device cpu") from None
@@ -187,17 +221,17 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
     final_test = None
     if "test" in data.splits:
         final_test = distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
-    elapsed = time.perf_counter() - started
+    best_epoch = progress["best_epoch"]
     return {
-        "best_accuracy": best_score,
+        "best_accuracy": progress["best_score"],
         "final_accuracy": history[-1]["score"],
         "best_epoch": best_epoch,
-        "test_accuracy": test_at_best,
+        "test_accuracy": progress["test_at_best"],
         "final_test_accuracy": final_test,
-        "training_time": elapsed,
+        "training_time": time.perf_counter() - started,
         "epochs": cfg["epochs"],
         "images_per_s": sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
-        "student_init_sha256": student_init,
+        "student_init_sha256": progress["student_init"],
         "first_batch_sha256": history[0]["first_batch_sha256"],
         **distiller.record_extras(history, best_epoch),
         "history": history,

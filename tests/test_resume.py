@@ -1,0 +1,135 @@
+"""Resume after kill -9: finished runs are kept, an interrupted run continues from its last epoch, and
+the records equal those of an uninterrupted run (same settings, same machine)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "test_accuracy",
+            "student_init_sha256", "first_batch_sha256")
+
+
+def _argv(base: Path, data: Path) -> list[str]:
+    return ["--data", str(data), "--methods", "Baseline,KD", "--teacher-epochs", "2", "--student-epochs", "4",
+            "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--set", "teacher.model=ResNet18",
+            "--set", "experiment.image_size=8", "--logs-dir", str(base / "logs"),
+            "--checkpoints-dir", str(base / "checkpoints")]
+
+
+def _records(base: Path) -> list[dict]:
+    exp_dir = next((base / "logs").glob("final_experiment_*"))
+    return json.loads((exp_dir / "comparison_results.json").read_text())
+
+
+def _essentials(records: list[dict]) -> list[dict]:
+    return [{key: r.get(key) for key in COMPARED} | {"scores": [h["score"] for h in r.get("history", [])]}
+            for r in records]
+
+
+def _start(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    code = driver or "import sys, run_experiment; sys.exit(run_experiment.cli(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _run(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.CompletedProcess:
+    process = _start(argv, cwd, driver)
+    _, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", err)
+
+
+def _kill_when_state_exists(argv: list[str], base: Path, run: str, timeout: float = 180.0) -> None:
+    """Start the experiment and SIGKILL it as soon as `run` has saved its state after an epoch."""
+    process = _start(argv, base)
+    deadline = time.monotonic() + timeout
+    while not any((base / "logs").glob(f"final_experiment_*/resume/{run}_seed0.pt")):
+        assert process.poll() is None, f"the run ended before the kill: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for the run to reach the kill point"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, make_image_folder):
+    """An uninterrupted run with the same settings (in a subprocess with one thread, like the others, so
+    that floating-point sums are ordered alike)."""
+    base = tmp_path_factory.mktemp("reference")
+    data = make_image_folder(base / "data", per_class={"train": 8, "val": 3, "test": 2})
+    assert _run(_argv(base, data), base).returncode == 0
+    return data, _essentials(_records(base))
+
+
+def test_sigkill_during_a_student_run_then_resume(tmp_path, reference):
+    data, expected = reference
+    argv = _argv(tmp_path, data)
+    _kill_when_state_exists(argv, tmp_path, "KD")
+    interrupted = _records(tmp_path)
+    assert [r["method"] for r in interrupted] == ["Teacher", "Baseline"]  # KD was cut off mid-run
+
+    resumed = _run([*argv, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _essentials(_records(tmp_path)) == expected
+    assert not any((tmp_path / "logs").glob("final_experiment_*/resume/*.pt"))
+    assert len(list((tmp_path / "logs").glob("final_experiment_*"))) == 1  # continued, not restarted
+
+
+# Dies exactly as kill -9 would (no cleanup) in the middle of writing the KD run's state file.
+MID_WRITE_DRIVER = """
+import os, sys
+import kd.checkpoint as checkpoint
+original = checkpoint.atomic_write
+def dying_write(path, write, mode="wb"):
+    if str(path).endswith("KD_seed0.pt") and os.path.exists(path):
+        def half(handle):
+            class Half:
+                def write(self, data):
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
+                    os._exit(9)
+            write(Half())
+        return original(path, half, mode)
+    return original(path, write, mode)
+checkpoint.atomic_write = dying_write
+import run_experiment
+sys.exit(run_experiment.cli(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_then_resume(tmp_path, reference):
+    data, expected = reference
+    argv = _argv(tmp_path, data)
+    process = _start(argv, tmp_path, MID_WRITE_DRIVER)
+    process.wait(timeout=300)
+    assert process.returncode == 9
+    exp_dir = next((tmp_path / "logs").glob("final_experiment_*"))
+    assert list((exp_dir / "resume").glob(".KD_seed0.pt.*.tmp"))  # the half-written temporary file
+    json.loads((exp_dir / "comparison_results.json").read_text())  # results files are whole
+
+    resumed = _run([*argv, "--resume", str(exp_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _essentials(_records(tmp_path)) == expected
+
+
+def test_resume_refuses_changed_settings_and_nothing_to_resume(tmp_path, reference, capsys):
+    data, _ = reference
+    argv = _argv(tmp_path, data)
+    _kill_when_state_exists(argv, tmp_path, "Baseline")
+    assert run_experiment.cli([*argv, "--resume", "--student-epochs", "7"]) == 2
+    assert "student.epochs was 4, now 7" in capsys.readouterr().err
+    assert run_experiment.cli([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    assert run_experiment.cli([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no unfinished experiment" in err and "Traceback" not in err and err.count("\n") == 1
