@@ -198,3 +198,10 @@ def test_diverging_run_is_recorded_as_failed_and_others_go_on(capsys, folder, tm
     assert status == {"Teacher": "ok", "AT": "failed", "Baseline": "ok"}
     csv = next((tmp_path / "logs").glob("final_experiment_*/comparison_results.csv")).read_text()
     assert "Baseline" in csv and "\nAT," not in csv
+
+
+def test_experiments_started_in_the_same_second_get_their_own_folders(tmp_path):
+    from kd.report import create_experiment_dir
+
+    folders = [create_experiment_dir(tmp_path / "logs")[0] for _ in range(3)]
+    assert len(set(folders)) == 3 and all(folder.is_dir() for folder in folders)

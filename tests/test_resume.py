@@ -49,16 +49,17 @@ def _run(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.Co
     return subprocess.CompletedProcess(process.args, process.returncode, "", err)
 
 
-def _kill_when_state_exists(argv: list[str], base: Path, run: str, timeout: float = 180.0) -> None:
-    """Start the experiment and SIGKILL it as soon as `run` has saved its state after an epoch."""
+def _signal_when_state_exists(argv: list[str], base: Path, run: str, signum: int = signal.SIGKILL,
+                              timeout: float = 180.0) -> subprocess.Popen:
+    """Start the experiment and send it `signum` as soon as `run` has saved its state after an epoch."""
     process = _start(argv, base)
     deadline = time.monotonic() + timeout
     while not any((base / "logs").glob(f"final_experiment_*/resume/{run}_seed0.pt")):
-        assert process.poll() is None, f"the run ended before the kill: {process.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for the run to reach the kill point"
+        assert process.poll() is None, f"the run ended before the signal: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for the run to reach the signal point"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    return process
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def reference(tmp_path_factory, make_image_folder):
 def test_sigkill_during_a_student_run_then_resume(tmp_path, reference):
     data, expected = reference
     argv = _argv(tmp_path, data)
-    _kill_when_state_exists(argv, tmp_path, "KD")
+    _signal_when_state_exists(argv, tmp_path, "KD").wait()
     interrupted = _records(tmp_path)
     assert [r["method"] for r in interrupted] == ["Teacher", "Baseline"]  # KD was cut off mid-run
 
@@ -125,7 +126,7 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume(tmp_path, reference):
 def test_resume_refuses_changed_settings_and_nothing_to_resume(tmp_path, reference, capsys):
     data, _ = reference
     argv = _argv(tmp_path, data)
-    _kill_when_state_exists(argv, tmp_path, "Baseline")
+    _signal_when_state_exists(argv, tmp_path, "Baseline").wait()
     assert run_experiment.cli([*argv, "--resume", "--student-epochs", "7"]) == 2
     assert "student.epochs was 4, now 7" in capsys.readouterr().err
     assert run_experiment.cli([*argv, "--resume"]) == 0
@@ -133,3 +134,14 @@ def test_resume_refuses_changed_settings_and_nothing_to_resume(tmp_path, referen
     assert run_experiment.cli([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no unfinished experiment" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_ctrl_c_prints_the_resume_command(tmp_path, reference):
+    data, _ = reference
+    argv = _argv(tmp_path, data)
+    process = _signal_when_state_exists(argv, tmp_path, "Baseline", signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    exp_dir = next((tmp_path / "logs").glob("final_experiment_*"))
+    assert process.returncode == 130
+    assert f"python run_experiment.py --resume {exp_dir}" in err and "Traceback" not in err
+    assert (exp_dir / "resume" / "Baseline_seed0.pt").exists()  # saved: --resume continues from here
