@@ -190,6 +190,13 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
         progress, best_eval = _restore(spec.resume_path, distiller, optimizer, scheduler, scaler)
         log.info("%s seed %d: continuing after epoch %d", spec.name, spec.seed, len(progress["history"]))
     history = progress["history"]
+
+    def test_score() -> float | None:
+        """The method's score on test/ now (never used to select an epoch); None without a test split."""
+        if "test" not in data.splits:
+            return None
+        return distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
+
     writer = SummaryWriter(str(spec.tensorboard_dir))
     started = time.perf_counter() - progress["elapsed"]
     try:
@@ -204,9 +211,7 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
             if entry["score"] > progress["best_score"]:
                 progress.update(best_score=entry["score"], best_epoch=epoch + 1)
                 best_eval = val
-                if "test" in data.splits:
-                    progress["test_at_best"] = distiller.selection_score(
-                        evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
+                progress["test_at_best"] = test_score()
                 _save(distiller, spec, "best", epoch + 1, progress["best_score"], started)
             progress["elapsed"] = time.perf_counter() - started
             if spec.resume_path is not None:
@@ -218,9 +223,7 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
                         f"--batch-size (now {cfg['batch_size']}) or --device cpu") from None
     finally:
         writer.close()
-    final_test = None
-    if "test" in data.splits:
-        final_test = distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
+    final_test = test_score()
     best_epoch = progress["best_epoch"]
     return {
         "best_accuracy": progress["best_score"],
