@@ -16,7 +16,7 @@ import torch
 
 from kd import METHODS
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
-from kd.experiment import describe_plan, obtain_teacher, prepare, reusable_teacher, run_method
+from kd.experiment import describe_plan, method_groups, obtain_teacher, prepare, reusable_teacher, run_methods
 from kd.resume import first_difference
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
 from models import build_resnet
@@ -75,6 +75,7 @@ EXPERIMENT_CONFIG = {
     "checkpoints_dir": "checkpoints",
     "retrain_teacher": False,     # train a new teacher even if a fitting checkpoint exists
     "skip_bad_images": False,     # warn about unreadable images and go on without them
+    "share_teacher": True,        # train the teacher-based methods together, one teacher forward per batch
 }
 
 # `--demo`: scikit-learn's digits, small enough for a 2-core CPU, through the very same code path.
@@ -186,16 +187,17 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
             records.append(teacher_record)
             summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
                                   "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
-        _finish_run(setup, records, summary, "Teacher", records[0]["seed"], started)
+        _finish_run(setup, records, summary, ["Teacher"], records[0]["seed"], started)
         for seed in exp["seeds"]:
             torch.manual_seed(seed)
             init_state = build_resnet(config["student"]["model"], len(setup.data.class_names), setup.stem,
                                       config["student"]["zero_init_residual"]).state_dict()
-            for method in exp["methods"]:
-                if any(r["method"] == method and r["seed"] == seed for r in records):
-                    continue  # finished before an interruption
-                records.append(run_method(method, seed, setup, teacher, init_state))
-                _finish_run(setup, records, summary, method, seed, started)
+            for group in method_groups(exp["methods"], exp["share_teacher"]):
+                # runs finished before an interruption are kept
+                group = [m for m in group if not any(r["method"] == m and r["seed"] == seed for r in records)]
+                if group:
+                    records.extend(run_methods(group, seed, setup, teacher, init_state))
+                    _finish_run(setup, records, summary, group, seed, started)
     except KeyboardInterrupt:
         log.error("Interrupted. Finished runs are saved; continue with: python run_experiment.py --resume %s",
                   exp_dir)
@@ -211,12 +213,13 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     return records
 
 
-def _finish_run(setup, records: list[dict], summary: dict, name: str, seed: int, started: float) -> None:
+def _finish_run(setup, records: list[dict], summary: dict, names: list[str], seed: int, started: float) -> None:
     """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
-    run's resume state: from here on the run counts as finished."""
+    runs' resume state: from here on they count as finished."""
     summary["total_time"] = time.perf_counter() - started
     write_results(setup.exp_dir, records, summary)
-    setup.resume_path(name, seed).unlink(missing_ok=True)
+    for name in names:
+        setup.resume_path(name, seed).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

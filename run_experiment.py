@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "an interrupted run goes on from its last epoch")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train a new teacher even if checkpoints/teachers/ holds one that fits")
+    p.add_argument("--no-share-teacher", action="store_true",
+                   help="train the teacher-based methods one by one, each with its own teacher forward")
     p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
     p.add_argument("--check", action="store_true", help="check data and config, print the plan, train nothing")
     p.add_argument("--report", metavar="EXPERIMENT_DIR",
@@ -86,7 +88,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
              ("experiment", "device"): args.device, ("experiment", "precision"): args.precision,
              ("experiment", "logs_dir"): args.logs_dir, ("experiment", "checkpoints_dir"): args.checkpoints_dir,
              ("experiment", "retrain_teacher"): args.retrain_teacher or None,
-             ("experiment", "skip_bad_images"): args.skip_bad_images or None}
+             ("experiment", "skip_bad_images"): args.skip_bad_images or None,
+             ("experiment", "share_teacher"): False if args.no_share_teacher else None}
     for (section, key), value in flags.items():
         if value is not None:
             config[section][key] = value

@@ -37,6 +37,7 @@ class Distiller(nn.Module):
         for feature_tap in self._taps:
             feature_tap.remove()
         self._taps.clear()
+        self.forget_teacher_forward()
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -49,9 +50,28 @@ class Distiller(nn.Module):
         """Student logits and the weighted loss terms (keys `loss_*`); the trainer sums the terms."""
         raise NotImplementedError
 
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The trainer calls the module (so that DDP can wrap it); the work is in forward_train.
+        return self.forward_train(images, targets)
+
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.teacher(images)
+        """The frozen teacher's logits for `images`, computed once per batch.
+
+        The teacher is shared by every teacher-based method, and methods trained together see the very
+        same batch tensor: the first call runs the teacher (filling every method's hooks on it), later
+        calls with the same tensor reuse that forward, which gives exactly the same values.
+        """
+        cached_images, cached_logits = getattr(self.teacher, "cached_forward", (None, None))
+        if cached_images is not images:
+            with torch.no_grad():
+                cached_logits = self.teacher(images)
+            self.teacher.cached_forward = (images, cached_logits)
+        return cached_logits
+
+    def forget_teacher_forward(self) -> None:
+        """Drop the cached teacher forward (the next call recomputes it)."""
+        if self.teacher is not None:
+            self.teacher.__dict__.pop("cached_forward", None)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -70,6 +70,7 @@ _EXPERIMENT_RULES: dict[str, Rule] = {
     "checkpoints_dir": _PATH,
     "retrain_teacher": _BOOL,
     "skip_bad_images": _BOOL,
+    "share_teacher": _BOOL,
 }
 # Method settings are checked by name; which names a method accepts comes from its Distiller.
 _METHOD_RULES: dict[str, Rule] = {

@@ -24,6 +24,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from kd import distributed
 from kd.config import UserError
 
 log = logging.getLogger("kd")
@@ -210,21 +211,33 @@ class ImageData:
         # One generator per (seed, epoch): the data order and augmentation do not depend on the method.
         return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
+    def shard_size(self) -> int:
+        """Training images per process and epoch (all of them unless several processes share the work)."""
+        return self.counts["train"] // distributed.world_size()
+
     def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
                       channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = self.epoch_generator(seed, epoch)
         train = self.splits["train"]
         order = torch.randperm(len(train), generator=generator)
+        world, rank = distributed.world_size(), distributed.rank()
+        if world > 1:  # each process its own shard, all of the same length so that they step together
+            order = order[:self.shard_size() * world][rank::world]
+            generator = self.epoch_generator(seed * world + rank, epoch + 1_000)
         if len(order) % batch_size == 1 and len(order) > 1:
             order = order[:-1]  # a batch of one image breaks BatchNorm's training statistics
         for images, labels in train.batches(order, batch_size, self.num_workers):
             images = self.augment(images.to(device, non_blocking=True), generator)
             yield self.normalize(images, channels_last), labels.to(device, non_blocking=True)
 
+    def eval_indices(self, split: str) -> torch.Tensor:
+        """This process's share of a split for evaluation (the whole split when it is alone)."""
+        return torch.arange(len(self.splits[split]))[distributed.rank()::distributed.world_size()]
+
     def eval_batches(self, split: str, batch_size: int, device: torch.device, channels_last: bool
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = self.splits[split]
-        for images, labels in data.batches(torch.arange(len(data)), batch_size, self.num_workers):
+        for images, labels in data.batches(self.eval_indices(split), batch_size, self.num_workers):
             yield self.normalize(images.to(device), channels_last), labels.to(device)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

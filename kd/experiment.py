@@ -14,7 +14,8 @@ from kd.checkpoint import load_checkpoint
 from kd.config import UserError
 from kd.data import ImageData, load_image_data
 from kd.metrics import model_cost, prediction_metrics
-from kd.trainer import Evaluation, RunFailed, RunSpec, Runtime, evaluate, fit, resolve_device, resolve_precision
+from kd.trainer import (Evaluation, RunFailed, RunSpec, Runtime, evaluate, fit, fit_together, resolve_device,
+                        resolve_precision)
 from models import build_resnet, resolve_stem
 
 log = logging.getLogger("kd")
@@ -165,29 +166,53 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[torch.nn.Modu
     return teacher.eval(), record
 
 
-def run_method(method: str, seed: int, setup: Setup, teacher: torch.nn.Module, init_state: dict) -> dict:
-    """Train one student with one method and return its results record."""
+def method_groups(methods: list[str], share_teacher: bool) -> list[list[str]]:
+    """The order runs are trained in: with `share_teacher`, all teacher-based methods form one group
+    (trained together where the first of them stands), every other method trains alone."""
+    teacher_based = [m for m in methods if METHODS[m].needs_teacher] if share_teacher else []
+    groups: list[list[str]] = []
+    for method in methods:
+        if method not in teacher_based:
+            groups.append([method])
+        elif method == teacher_based[0]:
+            groups.append(teacher_based)
+    return groups
+
+
+def run_methods(methods: list[str], seed: int, setup: Setup, teacher: torch.nn.Module, init_state: dict
+                ) -> list[dict]:
+    """Train one student per method (several in one pass over the data) and return their records."""
     config = setup.config
-    cfg, arch, settings = config["student"], config["student"]["model"], config["methods"][method]
-    distiller_cls = METHODS[method]
-    student = build_resnet(arch, len(setup.data.class_names), setup.stem, cfg["zero_init_residual"])
-    student.load_state_dict(init_state)  # the same starting weights for every method in this seed
-    torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
-    distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)
+    cfg, arch = config["student"], config["student"]["model"]
     seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
-    spec = RunSpec(method, cfg, seed, setup.logs / method / f"{method}_{arch}_Final_{setup.stamp}{seed_tag}",
-                   setup.checkpoints / "students" / f"{method}_{arch}{seed_tag}",
-                   {**model_meta(arch, setup), "method": method, "seed": seed, "epochs": cfg["epochs"],
-                    "config": {**cfg, **settings}}, setup.resume_path(method, seed))
-    teacher_column = config["teacher"]["model"] if distiller_cls.needs_teacher else distiller_cls.teacher_column
-    record = {"method": method, "model": arch, "teacher": teacher_column, "seed": seed, "status": "ok"}
-    log.info("Training %s student %s with %s (seed %d)", arch, method, settings or "CE only", seed)
+    jobs, records = [], []
+    for method in methods:
+        settings, distiller_cls = config["methods"][method], METHODS[method]
+        student = build_resnet(arch, len(setup.data.class_names), setup.stem, cfg["zero_init_residual"])
+        student.load_state_dict(init_state)  # the same starting weights for every method in this seed
+        torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
+        distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)
+        spec = RunSpec(method, cfg, seed, setup.logs / method / f"{method}_{arch}_Final_{setup.stamp}{seed_tag}",
+                       setup.checkpoints / "students" / f"{method}_{arch}{seed_tag}",
+                       {**model_meta(arch, setup), "method": method, "seed": seed, "epochs": cfg["epochs"],
+                        "config": {**cfg, **settings}}, setup.resume_path(method, seed))
+        jobs.append((distiller, spec))
+        column = config["teacher"]["model"] if distiller_cls.needs_teacher else distiller_cls.teacher_column
+        records.append({"method": method, "model": arch, "teacher": column, "seed": seed, "status": "ok"})
+        log.info("Training %s student %s with %s (seed %d)", arch, method, settings or "CE only", seed)
+    if len(jobs) > 1:
+        log.info("%s train together, sharing one teacher forward per batch (--no-share-teacher: one by one)",
+                 ", ".join(methods))
     try:
-        result, best_val = fit(distiller, setup.data, spec, setup.runtime)
-        _complete(record, result, best_val, setup, student)
-    except RunFailed as failure:
-        log.error("%s failed: %s", method, failure)
-        record.update(status="failed", reason=str(failure))
+        outcomes = fit_together(jobs, setup.data, setup.runtime)
     finally:
-        distiller.close()
-    return record
+        for distiller, _ in jobs:
+            distiller.close()
+    for record, (distiller, _), outcome in zip(records, jobs, outcomes):
+        if isinstance(outcome, RunFailed):
+            log.error("%s failed: %s", record["method"], outcome)
+            record.update(status="failed", reason=str(outcome))
+        else:
+            result, best_val = outcome
+            _complete(record, result, best_val, setup, distiller.student)
+    return records

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from kd import distributed
 from kd.base import Distiller
 from kd.checkpoint import load_state, save_checkpoint, save_state
 from kd.config import UserError
@@ -107,7 +107,7 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int, runtime: Runtime) -> Evaluation:
-    """Evaluate every named output of `predict` on a whole split."""
+    """Evaluate every named output of `predict` on a whole split (each process its share of it)."""
     distiller.eval()
     correct: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
     probs, labels_seen = [], []
@@ -119,8 +119,11 @@ def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int,
         probs.append(outputs["student"].float().softmax(dim=1).cpu())
         labels_seen.append(labels.cpu())
     total = len(data.splits[split])
-    return Evaluation({name: value.item() / total for name, value in correct.items()},
-                      torch.cat(probs), torch.cat(labels_seen))
+    accuracies = {name: distributed.sum_all(value).item() / total for name, value in correct.items()}
+    shares = distributed.gather_objects((data.eval_indices(split), torch.cat(probs), torch.cat(labels_seen)))
+    order = torch.cat([indices for indices, _, _ in shares]).argsort()  # back to the split's order
+    return Evaluation(accuracies, torch.cat([p for _, p, _ in shares])[order],
+                      torch.cat([labels for _, _, labels in shares])[order])
 
 
 @dataclass
@@ -143,144 +146,204 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accuracy: float, started: float) -> None:
-    meta = {**spec.meta, "epoch": epoch, "best_accuracy": best_accuracy,
-            "training_time": time.perf_counter() - started}
+def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accuracy: float, seconds: float) -> None:
+    meta = {**spec.meta, "epoch": epoch, "best_accuracy": best_accuracy, "training_time": seconds}
     for suffix, model in distiller.deployable_models().items():
         save_checkpoint(f"{spec.checkpoint_prefix}{suffix}_{tag}.pth", model, meta)
 
 
-def _run_state(distiller: Distiller, optimizer, scheduler, scaler, progress: dict, best_eval: Evaluation | None
-               ) -> dict:
-    """Everything an interrupted run needs to continue exactly (the frozen teacher is saved elsewhere)."""
-    return {"distiller": {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(), "progress": progress,
-            "best_eval": None if best_eval is None else vars(best_eval)}
+class _Run:
+    """One distiller's training state (optimizer, schedule, history, best epoch) inside `fit_together`."""
 
+    def __init__(self, distiller: Distiller, spec: RunSpec, data: ImageData, runtime: Runtime):
+        cfg = spec.train_cfg
+        self.distiller, self.spec, self.data, self.runtime = distiller, spec, data, runtime
+        runtime.place(distiller)
+        self.model = distributed.wrap(distiller, runtime.device)
+        self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                         weight_decay=cfg["weight_decay"])
+        steps_per_epoch = math.ceil(data.shard_size() / cfg["batch_size"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+        self.progress = {"history": [], "best_score": -1.0, "best_epoch": 0, "test_at_best": None,
+                         "elapsed": 0.0, "student_init": tensor_digest(*distiller.student.state_dict().values())}
+        self.best_eval: Evaluation | None = None
+        self.failure: RunFailed | None = None
+        if spec.resume_path is not None and spec.resume_path.exists():
+            self._restore(spec.resume_path)
+            log.info("%s seed %d: continuing after epoch %d", spec.name, spec.seed, len(self.history))
+        self.writer = distributed.summary_writer(spec.tensorboard_dir)
 
-def _restore(path: Path, distiller: Distiller, optimizer, scheduler, scaler) -> tuple[dict, Evaluation | None]:
-    state = load_state(path, fix="delete it to restart that run from its first epoch")
-    missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
-    if unexpected or any(not key.startswith("teacher.") for key in missing):
-        raise UserError(f"'{path}' holds another model's state: start a new experiment without --resume")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    best = state["best_eval"]
-    return state["progress"], None if best is None else Evaluation(**best)
+    @property
+    def history(self) -> list[dict]:
+        return self.progress["history"]
+
+    def _restore(self, path: Path) -> None:
+        state = load_state(path, fix="delete it to restart that run from its first epoch")
+        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
+        if unexpected or any(not key.startswith("teacher.") for key in missing):
+            raise UserError(f"'{path}' holds another model's state: start a new experiment without --resume")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        self.progress = state["progress"]
+        self.best_eval = None if state["best_eval"] is None else Evaluation(**state["best_eval"])
+
+    def _state(self) -> dict:
+        """Everything an interrupted run needs to continue exactly (the frozen teacher is saved elsewhere)."""
+        return {"distiller": {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teacher.")},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(), "progress": self.progress,
+                "best_eval": None if self.best_eval is None else vars(self.best_eval)}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.distiller.train()
+        self.distiller.start_epoch(epoch, self.spec.train_cfg["epochs"])
+        self.loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.runtime.device))
+        self.correct, self.seen, self.seconds = torch.zeros((), device=self.runtime.device), 0, 0.0
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        with self.runtime.autocast():
+            logits, losses = self.model(images, labels)
+            loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        n = labels.shape[0]
+        for name, value in losses.items():
+            self.loss_sums[name] += value.detach().float() * n
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.seen += n
+        self.seconds += time.perf_counter() - started
+        return loss
+
+    def end_epoch(self, epoch: int, first_batch: str, shared_seconds: float) -> None:
+        """Evaluate on val, log, keep the best epoch, save its state; a diverged run is marked failed."""
+        spec, cfg = self.spec, self.spec.train_cfg
+        images = self.seen * distributed.world_size()
+        losses = {name: distributed.sum_all(value).item() / images for name, value in self.loss_sums.items()}
+        if not all(math.isfinite(v) for v in losses.values()):
+            self.failure = RunFailed(f"{spec.name} (seed {spec.seed}) diverged in epoch {epoch + 1}: loss "
+                                     f"{losses}; try a lower lr or --precision fp32")
+            return
+        seconds = self.seconds + shared_seconds
+        started = time.perf_counter()
+        val = evaluate(self.distiller, self.data, "val", cfg["batch_size"], self.runtime)
+        entry = {"epoch": epoch + 1, "lr": self.lr, "train_loss": losses,
+                 "train_accuracy": distributed.sum_all(self.correct).item() / images, "images": images,
+                 "train_seconds": seconds, "images_per_s": images / seconds, "first_batch_sha256": first_batch,
+                 "val": val.accuracies, "score": self.distiller.selection_score(val.accuracies)}
+        self.history.append(entry)
+        _log_epoch(self.writer, spec, entry)
+        progress = self.progress
+        if entry["score"] > progress["best_score"]:
+            progress.update(best_score=entry["score"], best_epoch=epoch + 1)
+            self.best_eval = val
+            progress["test_at_best"] = self.test_score()
+        progress["elapsed"] += seconds + time.perf_counter() - started  # training time counts evaluation too
+        if progress["best_epoch"] == epoch + 1:
+            _save(self.distiller, spec, "best", epoch + 1, progress["best_score"], progress["elapsed"])
+        if spec.resume_path is not None:
+            save_state(spec.resume_path, self._state())
+
+    def test_score(self) -> float | None:
+        """The method's score on test/ now (never used to select an epoch); None without a test split."""
+        if "test" not in self.data.splits:
+            return None
+        evaluation = evaluate(self.distiller, self.data, "test", self.spec.train_cfg["batch_size"], self.runtime)
+        return self.distiller.selection_score(evaluation.accuracies)
+
+    def result(self) -> tuple[dict, Evaluation]:
+        progress, history, cfg = self.progress, self.history, self.spec.train_cfg
+        _save(self.distiller, self.spec, "final", cfg["epochs"], progress["best_score"], progress["elapsed"])
+        return {
+            "best_accuracy": progress["best_score"],
+            "final_accuracy": history[-1]["score"],
+            "best_epoch": progress["best_epoch"],
+            "test_accuracy": progress["test_at_best"],
+            "final_test_accuracy": self.test_score(),
+            "training_time": progress["elapsed"],
+            "epochs": cfg["epochs"],
+            "images_per_s": sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
+            "student_init_sha256": progress["student_init"],
+            "first_batch_sha256": history[0]["first_batch_sha256"],
+            **self.distiller.record_extras(history, progress["best_epoch"]),
+            "history": history,
+        }, self.best_eval
 
 
 def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[dict, Evaluation]:
-    """Train `distiller` per `spec.train_cfg`; return its results (best/final accuracy, history...) and
-    the val evaluation of its best epoch. With `spec.resume_path` set, the state after every epoch is
-    kept there and an existing state is continued from."""
-    cfg = spec.train_cfg
-    runtime.place(distiller)
-    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
-    steps_per_epoch = math.ceil(data.counts["train"] / cfg["batch_size"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    progress = {"history": [], "best_score": -1.0, "best_epoch": 0, "test_at_best": None, "elapsed": 0.0,
-                "student_init": tensor_digest(*distiller.student.state_dict().values())}
-    best_eval = None
-    if spec.resume_path is not None and spec.resume_path.exists():
-        progress, best_eval = _restore(spec.resume_path, distiller, optimizer, scheduler, scaler)
-        log.info("%s seed %d: continuing after epoch %d", spec.name, spec.seed, len(progress["history"]))
-    history = progress["history"]
+    """Train one distiller (see `fit_together`); a diverged run raises RunFailed."""
+    (outcome,) = fit_together([(distiller, spec)], data, runtime)
+    if isinstance(outcome, RunFailed):
+        raise outcome
+    return outcome
 
-    def test_score() -> float | None:
-        """The method's score on test/ now (never used to select an epoch); None without a test split."""
-        if "test" not in data.splits:
-            return None
-        return distiller.selection_score(evaluate(distiller, data, "test", cfg["batch_size"], runtime).accuracies)
 
-    writer = SummaryWriter(str(spec.tensorboard_dir))
-    started = time.perf_counter() - progress["elapsed"]
+def fit_together(jobs: list[tuple[Distiller, RunSpec]], data: ImageData, runtime: Runtime
+                 ) -> list[tuple[dict, Evaluation] | RunFailed]:
+    """Train several distillers in one pass over the data; return each one's results (best/final accuracy,
+    history...) and the val evaluation of its best epoch, or the RunFailed that stopped it.
+
+    The runs share a seed and a batch size, so they see exactly the batches they would see one by one;
+    their frozen teacher runs once per batch for all of them (its logits and hooked features are reused),
+    which is where training several teacher-based methods together saves time. The shared work (data and
+    teacher forward) is split evenly between the runs' training times. With `spec.resume_path` set, each
+    run's state after every epoch is kept there and an existing state is continued from.
+    """
+    specs = [spec for _, spec in jobs]
+    if len({(spec.seed, spec.train_cfg["batch_size"], spec.train_cfg["epochs"]) for spec in specs}) != 1:
+        raise ValueError("runs trained together need the same seed, batch size and epochs")
+    seed, batch_size, epochs = specs[0].seed, specs[0].train_cfg["batch_size"], specs[0].train_cfg["epochs"]
+    runs = [_Run(distiller, spec, data, runtime) for distiller, spec in jobs]
+    name = "+".join(spec.name for spec in specs)
     try:
-        for epoch in tqdm(range(len(history), cfg["epochs"]), desc=spec.name, unit="epoch", disable=None,
-                          initial=len(history), total=cfg["epochs"]):
-            entry = _train_epoch(distiller, data, spec, runtime, optimizer, scheduler, scaler, epoch)
-            val = evaluate(distiller, data, "val", cfg["batch_size"], runtime)
-            entry["val"] = val.accuracies
-            entry["score"] = distiller.selection_score(val.accuracies)
-            history.append(entry)
-            _log_epoch(writer, spec, entry)
-            if entry["score"] > progress["best_score"]:
-                progress.update(best_score=entry["score"], best_epoch=epoch + 1)
-                best_eval = val
-                progress["test_at_best"] = test_score()
-                _save(distiller, spec, "best", epoch + 1, progress["best_score"], started)
-            progress["elapsed"] = time.perf_counter() - started
-            if spec.resume_path is not None:
-                state = _run_state(distiller, optimizer, scheduler, scaler, progress, best_eval)
-                save_state(spec.resume_path, state)
-        _save(distiller, spec, "final", cfg["epochs"], progress["best_score"], started)
+        first_epoch = min(len(run.history) for run in runs)
+        for epoch in tqdm(range(first_epoch, epochs), desc=name, unit="epoch", initial=first_epoch, total=epochs,
+                          disable=distributed.quiet()):
+            active = [run for run in runs if len(run.history) == epoch and run.failure is None]
+            if not active:
+                break
+            _train_epoch(active, data, seed, epoch, batch_size, runtime)
     except torch.OutOfMemoryError:
-        raise UserError(f"{runtime.device} ran out of memory training {spec.name}: try a smaller "
-                        f"--batch-size (now {cfg['batch_size']}) or --device cpu") from None
+        raise UserError(f"{runtime.device} ran out of memory training {name}: try a smaller "
+                        f"--batch-size (now {batch_size}) or --device cpu") from None
     finally:
-        writer.close()
-    final_test = test_score()
-    best_epoch = progress["best_epoch"]
-    return {
-        "best_accuracy": progress["best_score"],
-        "final_accuracy": history[-1]["score"],
-        "best_epoch": best_epoch,
-        "test_accuracy": progress["test_at_best"],
-        "final_test_accuracy": final_test,
-        "training_time": time.perf_counter() - started,
-        "epochs": cfg["epochs"],
-        "images_per_s": sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
-        "student_init_sha256": progress["student_init"],
-        "first_batch_sha256": history[0]["first_batch_sha256"],
-        **distiller.record_extras(history, best_epoch),
-        "history": history,
-    }, best_eval
+        for run in runs:
+            run.writer.close()
+    return [run.failure or run.result() for run in runs]
 
 
-def _train_epoch(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime,
-                 optimizer: torch.optim.Optimizer, scheduler, scaler, epoch: int) -> dict:
-    cfg = spec.train_cfg
-    distiller.train()
-    distiller.start_epoch(epoch, cfg["epochs"])
-    loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
-    correct, seen = torch.zeros((), device=runtime.device), 0
-    lr = optimizer.param_groups[0]["lr"]
+def _train_epoch(runs: list[_Run], data: ImageData, seed: int, epoch: int, batch_size: int, runtime: Runtime
+                 ) -> None:
+    """One epoch of every run in `runs`, batch by batch; the teacher they share runs once per batch."""
+    for run in runs:
+        run.start_epoch(epoch)
+    teacher_user = next((run.distiller for run in runs if run.distiller.teacher is not None), None)
     started = time.perf_counter()
-    batches = tqdm(data.train_batches(spec.seed, epoch, cfg["batch_size"], runtime.device, runtime.channels_last),
-                   total=math.ceil(data.counts["train"] / cfg["batch_size"]), desc=f"epoch {epoch + 1}",
-                   unit="batch", leave=False, disable=None)
+    batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last),
+                   total=math.ceil(data.shard_size() / batch_size), desc=f"epoch {epoch + 1}",
+                   unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
     for step, (images, labels) in enumerate(batches):
         if first_batch is None:
             first_batch = tensor_digest(images, labels)
-        with runtime.autocast():
-            logits, losses = distiller.forward_train(images, labels)
-            loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        n = labels.shape[0]
-        for name, value in losses.items():
-            loss_sums[name] += value.detach().float() * n
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += n
+        if teacher_user is not None:
+            with runtime.autocast():
+                teacher_user.teacher_forward(images)  # cached: each teacher-based run reuses it for this batch
+        losses = [run.step(images, labels) for run in runs]
         if step % 10 == 0:  # .item() synchronises a GPU: refresh the bar now and then, not every step
-            batches.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
-    seconds = time.perf_counter() - started
-    losses_mean = {name: value.item() / seen for name, value in loss_sums.items()}
-    if not all(math.isfinite(v) for v in losses_mean.values()):
-        raise RunFailed(f"{spec.name} (seed {spec.seed}) diverged in epoch {epoch + 1}: loss "
-                        f"{losses_mean}; try a lower lr or --precision fp32")
-    return {"epoch": epoch + 1, "lr": lr, "train_loss": losses_mean, "train_accuracy": correct.item() / seen,
-            "images": seen, "train_seconds": seconds, "images_per_s": seen / seconds,
-            "first_batch_sha256": first_batch}
+            seen = runs[0].seen
+            batches.set_postfix(loss="/".join(f"{loss.item():.3f}" for loss in losses),
+                                img_s=f"{seen * len(runs) / (time.perf_counter() - started):.0f}")
+    shared = time.perf_counter() - started - sum(run.seconds for run in runs)
+    for run in runs:
+        run.end_epoch(epoch, first_batch, shared / len(runs))
 
 
 def _log_epoch(writer: SummaryWriter, spec: RunSpec, entry: dict) -> None:

@@ -1,0 +1,120 @@
+"""Data-parallel training under torchrun: one process per device, DDP, rank 0 writes everything.
+
+Started by `torchrun` (WORLD_SIZE > 1 in the environment) every process trains its shard of each batch;
+DistributedDataParallel averages the gradients (gloo on CPU, nccl on CUDA). Started plainly, every helper
+here is a no-op, so the single-process path is the same code.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+
+def launched() -> bool:
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Only the first process writes logs, checkpoints and results."""
+    return rank() == 0
+
+
+def quiet() -> bool | None:
+    """tqdm's `disable`: automatic (off when not a terminal) on rank 0, always off on the others."""
+    return None if is_main() else True
+
+
+def init(device_name: str) -> str:
+    """Join the torchrun job (if launched by one) and return the device this process should use."""
+    if not launched() or active():
+        return device_name
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return f"cuda:{local_rank}" if use_cuda else device_name
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process got here (e.g. rank 0 finished writing a checkpoint the others read)."""
+    if active():
+        dist.barrier()
+
+
+def sum_all(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes."""
+    if active():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_objects(value):
+    """Every process's `value`, in rank order."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every process."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module to call for training steps: DDP around it when several processes train together.
+
+    Unused parameters are allowed because FitNets' hint stage trains only part of the student.
+    """
+    if not active():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+class _NoWriter:
+    """Stands in for a TensorBoard writer on the processes that do not write."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def summary_writer(log_dir: Path) -> SummaryWriter | _NoWriter:
+    return SummaryWriter(str(log_dir)) if is_main() else _NoWriter()
