@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kd import METHODS
+from kd import METHODS, distributed
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
 from kd.experiment import describe_plan, method_groups, obtain_teacher, prepare, reusable_teacher, run_methods
 from kd.resume import first_difference
@@ -158,7 +158,8 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     setup_logging()
     setup = prepare(validate_config(config if config is not None else default_config()), decode_all=check_only)
     config, exp = setup.config, setup.config["experiment"]
-    print(describe_plan(setup))
+    if distributed.is_main():
+        print(describe_plan(setup))
     if resume is not None:
         exp_dir, records, summary = resume
         difference = first_difference(summary["config"], config)
@@ -203,8 +204,12 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
                   exp_dir)
         raise
     summary["finished"] = True
+    leftover = exp_dir / "resume"
+    if distributed.is_main() and leftover.is_dir() and not any(leftover.iterdir()):
+        leftover.rmdir()  # every run finished: nothing left to resume
     table = write_results(exp_dir, records, summary, final=True)
-    print(format_table(table))
+    if distributed.is_main():
+        print(format_table(table))
     log.info("Total time %.1f s; results in %s", summary["total_time"], exp_dir)
     failed = [r for r in records if r["status"] == "failed"]
     if failed:
@@ -223,5 +228,6 @@ def _finish_run(setup, records: list[dict], summary: dict, names: list[str], see
 
 
 if __name__ == "__main__":
-    from run_experiment import cli
+    from run_experiment import cli, with_malloc_tunables
+    with_malloc_tunables()
     sys.exit(cli())

@@ -37,7 +37,8 @@ class Distiller(nn.Module):
         for feature_tap in self._taps:
             feature_tap.remove()
         self._taps.clear()
-        self.forget_teacher_forward()
+        if self.teacher is not None:  # nor does the cached forward outlive the method
+            self.teacher.__dict__.pop("cached_forward", None)
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -67,11 +68,6 @@ class Distiller(nn.Module):
                 cached_logits = self.teacher(images)
             self.teacher.cached_forward = (images, cached_logits)
         return cached_logits
-
-    def forget_teacher_forward(self) -> None:
-        """Drop the cached teacher forward (the next call recomputes it)."""
-        if self.teacher is not None:
-            self.teacher.__dict__.pop("cached_forward", None)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,11 +18,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kd import distributed
 from kd.config import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it into place."""
+    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it into place.
+
+    In a torchrun job only rank 0 writes; the other processes hold the same state.
+    """
+    if not distributed.is_main():
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

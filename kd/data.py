@@ -174,7 +174,7 @@ def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool
                 ) -> tuple[torch.Tensor | None, list[tuple[Path, int]], int]:
     """Decode every image once (kept in memory when `keep`), dropping unreadable ones if `skip_bad`."""
     images, kept, bad = [], [], 0
-    for path, label in tqdm(samples, desc=desc, unit="img", leave=False, disable=None):
+    for path, label in tqdm(samples, desc=desc, unit="img", leave=False, disable=distributed.quiet()):
         try:
             image = decode(path, image_size)
         except UserError:
@@ -210,6 +210,19 @@ class ImageData:
     def epoch_generator(self, seed: int, epoch: int) -> torch.Generator:
         # One generator per (seed, epoch): the data order and augmentation do not depend on the method.
         return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+    def keep_on(self, device: torch.device, budget: float = 0.25) -> bool:
+        """Move the decoded images to a GPU once when they take at most `budget` of its free memory, so
+        that batches are cut and augmented there with no copy per step. Returns whether they moved."""
+        splits = self.splits.values()
+        if device.type != "cuda" or any(split.images is None for split in splits):
+            return False
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if sum(split.images.numel() for split in splits) > budget * free_bytes:
+            return False
+        for split in splits:
+            split.images, split.labels = split.images.to(device), split.labels.to(device)
+        return True
 
     def shard_size(self) -> int:
         """Training images per process and epoch (all of them unless several processes share the work)."""

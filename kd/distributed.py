@@ -26,7 +26,8 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    # torchrun's RANK also answers before the process group is up (e.g. when logging is set up)
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -95,12 +96,14 @@ def broadcast_object(value):
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """The module to call for training steps: DDP around it when several processes train together.
 
-    Unused parameters are allowed because FitNets' hint stage trains only part of the student.
+    A Distiller that trains only part of its parameters in some epochs (FitNets' hint stage) says so
+    with `skips_parameters`, and DDP then looks for the unused ones every step.
     """
     if not active():
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=getattr(model, "skips_parameters", False))
 
 
 class _NoWriter:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kd import METHODS
+from kd import METHODS, distributed
 from kd.baseline import Baseline
 from kd.checkpoint import load_checkpoint
 from kd.config import UserError
@@ -52,10 +52,13 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     """Pick device and precision and check/load the data set for a validated config (`decode_all`:
     read every image once even when the set is too big to keep in memory, as --check does)."""
     exp = config["experiment"]
-    device = resolve_device(exp["device"])
+    device = resolve_device(distributed.init(exp["device"]))
     runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed image and batch sizes: pick the fastest kernels
     data = load_image_data(exp["data_dir"], exp["image_size"], exp["hflip"], exp["cache_max_gb"],
                            exp["num_workers"], exp["skip_bad_images"], decode_all)
+    if data.keep_on(device):
+        log.info("Decoded images kept on %s for the whole experiment", device)
     return Setup(config, data, resolve_stem(exp["stem"], data.image_size), runtime,
                  Path(exp["logs_dir"]), Path(exp["checkpoints_dir"]))
 
@@ -146,6 +149,7 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[torch.nn.Modu
                        setup.resume_path("Teacher", seed))
         result, _ = fit(Baseline(teacher), setup.data, spec, setup.runtime)
         record["reused"] = False
+        distributed.barrier()  # rank 0 has written the checkpoint the others read now
         checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
     else:
         meta = checkpoint["meta"]

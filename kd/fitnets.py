@@ -40,6 +40,7 @@ class FitNets(Distiller):
         super().__init__(student, teacher)
         self.hint_layer, self.ce_weight, self.beta = hint_layer, ce_weight, beta
         self.two_stage, self.hint_epochs = two_stage, hint_epochs
+        self.skips_parameters = two_stage  # the hint stage leaves the layers after the hint untrained
         self.regressor = Regressor(stage_channels(student, hint_layer), stage_channels(teacher, hint_layer))
         self.student_tap = self.tap(student, [hint_layer])
         self.teacher_tap = self.tap(teacher, [hint_layer])

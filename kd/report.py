@@ -17,6 +17,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+from kd import distributed
 from kd.checkpoint import write_json, write_text
 from kd.config import UserError
 from kd.metrics import mean_std, paired_comparison
@@ -41,10 +42,10 @@ def setup_logging(log_file: Path | None = None) -> None:
     log.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
-        console = _TqdmHandler(logging.INFO)
+        console = _TqdmHandler(logging.INFO if distributed.is_main() else logging.WARNING)
         console.setFormatter(formatter)
         log.addHandler(console)
-    if log_file is not None:
+    if log_file is not None and distributed.is_main():
         for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
             log.removeHandler(handler)
             handler.close()
@@ -55,7 +56,12 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 
 def create_experiment_dir(logs_dir: Path) -> tuple[Path, str]:
-    """A new `final_experiment_YYYYMMDD_HHMMSS` folder; a suffix keeps same-second starts apart."""
+    """A new `final_experiment_YYYYMMDD_HHMMSS` folder; a suffix keeps same-second starts apart.
+    In a torchrun job rank 0 creates it and every process gets its name."""
+    return distributed.broadcast_object(_new_experiment_dir(logs_dir) if distributed.is_main() else None)
+
+
+def _new_experiment_dir(logs_dir: Path) -> tuple[Path, str]:
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     try:
         logs_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +135,8 @@ def experiment_summary(setup, exp_dir: Path) -> dict:
             "environment": {"python": platform.python_version(), "torch": str(torch.__version__),
                             "torchvision": str(torchvision.__version__), "platform": platform.platform(),
                             "device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
-                            "threads": torch.get_num_threads(), "precision": setup.runtime.precision},
+                            "threads": torch.get_num_threads(), "precision": setup.runtime.precision,
+                            "processes": distributed.world_size()},
             "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
                      "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
@@ -144,9 +151,11 @@ def _csv_value(value) -> str:
 
 def write_results(exp_dir: Path, records: list[dict], summary: dict, final: bool = False) -> list[dict]:
     """Rewrite comparison_results.json/.csv and experiment_summary.json (each atomically); at the end
-    of the experiment (`final`) also the plots and report.md."""
-    write_json(exp_dir / "comparison_results.json", records)
+    of the experiment (`final`) also the plots and report.md. Only rank 0 of a torchrun job writes."""
     rows = aggregate(records)
+    if not distributed.is_main():
+        return rows
+    write_json(exp_dir / "comparison_results.json", records)
     lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
     students = [row for row in rows if row["method"] != "Teacher"]
