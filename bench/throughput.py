@@ -11,7 +11,9 @@ applies (GLIBC_TUNABLES). Three figures per image size (the demo's, then 32 px):
   kd       - one KD step (ResNet18 trained + ResNet50 teacher forward), img/s;
   distill  - one epoch each of KD, AT and FitNets, seconds (plain: one after the other, the teacher
              recomputed per method; project: its default, the three trained together).
-The last line printed is a JSON object with the ratios (project / plain; for distill plain s / project s).
+The project's distillation epoch is also timed with --no-share-teacher (one method after the other), which
+isolates what sharing the teacher forward saves. The last line printed is a JSON object with the ratios
+(project / plain; for distill plain s / project s) and that saving.
 """
 from __future__ import annotations
 
@@ -114,10 +116,15 @@ def run_project(data, size: int, steps: int, distill_images: int, device: torch.
     kd = KD(student, teacher, **config["methods"]["KD"])
     result["kd"] = images_per_s(kd)
     kd.close()
-    distillers = _distillers(student.state_dict(), teacher, classes, config["methods"])
-    jobs = [(distiller, spec(name)) for distiller, name in zip(distillers, METHOD_NAMES)]
-    outcomes = fit_together(jobs, _limited(data, distill_images), runtime)
-    result["distill"] = sum(outcome[0]["history"][0]["train_seconds"] for outcome in outcomes)
+    subset = _limited(data, distill_images)
+    for figure, groups in (("distill_one_by_one", [[name] for name in METHOD_NAMES]), ("distill", [METHOD_NAMES])):
+        distillers = dict(zip(METHOD_NAMES, _distillers(student.state_dict(), teacher, classes, config["methods"])))
+        result[figure] = 0.0
+        for group in groups:  # --no-share-teacher, then the default: the three trained together
+            outcomes = fit_together([(distillers[name], spec(name)) for name in group], subset, runtime)
+            result[figure] += sum(outcome[0]["history"][0]["train_seconds"] for outcome in outcomes)
+        for distiller in distillers.values():
+            distiller.close()
     result["precision"] = runtime.precision
     shutil.rmtree(out)
     return result
@@ -204,7 +211,10 @@ def main() -> None:
                         if figure in flops else "")
             print(f"{size:>4} {figure:<8} {unit:<5} {plain[figure]:>8.1f} {project[figure]:>8.1f} {ratio:>7.2f}x"
                   f"  {achieved}")
-        print(f"     (project precision: {project['precision']})")
+        saving = project["distill_one_by_one"] / project["distill"]
+        ratios[f"shared_teacher_saving{suffix}"] = round(saving, 2)
+        print(f"     project precision {project['precision']}; distillation one by one (--no-share-teacher) "
+              f"{project['distill_one_by_one']:.1f} s, together {project['distill']:.1f} s: {saving:.2f}x")
     print(json.dumps(ratios))
 
 

@@ -1,5 +1,6 @@
-"""Resume after kill -9: finished runs are kept, an interrupted run continues from its last epoch, and
-the records equal those of an uninterrupted run (same settings, same machine)."""
+"""Resume after kill -9: finished runs are kept, interrupted runs continue from their last epoch (KD and
+AT train together, sharing the teacher: both continue), and the records equal those of an uninterrupted
+run (same settings, same machine)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "
 
 
 def _argv(base: Path, data: Path) -> list[str]:
-    return ["--data", str(data), "--methods", "Baseline,KD", "--teacher-epochs", "2", "--student-epochs", "4",
+    return ["--data", str(data), "--methods", "Baseline,KD,AT", "--teacher-epochs", "2", "--student-epochs", "4",
             "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--set", "teacher.model=ResNet18",
             "--set", "experiment.image_size=8", "--logs-dir", str(base / "logs"),
             "--checkpoints-dir", str(base / "checkpoints")]
