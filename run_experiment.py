@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  python run_experiment.py --demo                  # digits demo, offline, a few minutes on a CPU
+  python run_experiment.py --demo                  # digits demo, offline (~15 min on a 2-core CPU)
   python run_experiment.py                         # your images in data/train/<class>/, data/val/<class>/
   python run_experiment.py --data ~/flowers --methods KD,AT --student-epochs 20
   python run_experiment.py --check                 # validate data and config, train nothing
