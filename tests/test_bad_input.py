@@ -153,8 +153,10 @@ def test_broken_teacher_file_is_named(capsys, folder, tmp_path, content):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--set", "student.learning_rate=0.1"], "did you mean 'lr'"),
+    (["--set", "student.lr_rate=0.1"], "did you mean 'lr'"),
     (["--set", "methods.KD.temprature=2"], "did you mean 'temperature'"),
     (["--set", "student.lr=0"], "student.lr=0"),
+    (["--set", "student.lr=-1"], "student.lr=-1"),
     (["--student-epochs", "0"], "student.epochs=0"),
     (["--batch-size", "0"], "batch_size=0"),
     (["--set", "methods.KD.temperature=-1"], "methods.KD.temperature=-1"),
@@ -162,11 +164,13 @@ def test_broken_teacher_file_is_named(capsys, folder, tmp_path, content):
     (["--seeds", "0,x"], "--seeds '0,x'"),
     (["--seeds", "1,1"], "experiment.seeds=[1, 1]"),
     (["--precision", "fp8"], "one of auto, fp32, bf16, fp16"),
-], ids=["key typo", "method key typo", "lr", "epochs", "batch", "temperature", "weight", "seeds", "dup seeds",
-        "precision"])
-def test_bad_config(capsys, folder, flags, needle):
-    code, _, err = _cli(capsys, "--data", str(folder), *_fast(), *flags, "--check")
+], ids=["key typo", "key typo 2", "method key typo", "lr", "negative lr", "epochs", "batch", "temperature",
+        "weight", "seeds", "dup seeds", "precision"])
+@pytest.mark.parametrize("check", [["--check"], []], ids=["check", "run"])
+def test_bad_config(capsys, folder, flags, needle, check):
+    code, _, err = _cli(capsys, "--data", str(folder), *_fast(), *flags, *check)
     assert code == 2 and needle in _one_error_line(err)
+    assert not Path("logs").exists()  # stopped before anything was written
 
 
 @pytest.mark.parametrize("device, available", [("cuda", "cuda"), ("mps", "mps")])

@@ -224,21 +224,6 @@ def test_unknown_method_exits_2_listing_valid_ones(tmp_path, capsys, image_folde
     assert "Bogus" in line and VALID_METHODS in line
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--batch-size", "0"], "batch_size"),
-    (["--student-epochs", "0"], "student.epochs"),
-    (["--seeds", "0,x"], "--seeds"),
-    (["--precision", "fp8"], "precision"),
-    (["--set", "student.lr=-1"], "student.lr"),
-    (["--set", "student.lr_rate=0.1"], "did you mean 'lr'"),
-])
-def test_bad_values_on_the_command_line_exit_2(tmp_path, capsys, image_folder, argv, needle):
-    code = run_experiment.cli(["--data", str(image_folder)] + argv + _out_args(tmp_path))
-    assert code == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
-    assert not (tmp_path / "logs").exists()
-
-
 def test_fp16_on_cpu_exits_2(tmp_path, capsys, image_folder):
     code = run_experiment.cli(["--data", str(image_folder), "--device", "cpu", "--precision", "fp16"]
                               + _out_args(tmp_path))
