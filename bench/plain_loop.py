@@ -47,9 +47,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timer sees it finished."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def plain_loader(root: Path, image_size: int, batch_size: int, mean: list[float], std: list[float],
@@ -93,14 +94,13 @@ def measure_steps(step: Step, loader: DataLoader, steps: int, warmup: int = 2) -
     batches = _cycle(loader)
     for x, y in islice(batches, warmup):
         step(x, y)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    _sync()
     images = 0
     start = time.perf_counter()
     for x, y in islice(batches, steps):
         step(x, y)
         images += x.shape[0]
-    sync()
+    _sync()
     return images / (time.perf_counter() - start)
 
 
@@ -149,7 +149,7 @@ def distill_epoch(distiller: Distiller, loader: DataLoader) -> tuple[int, float]
     device = _device(distiller.student)
     distiller.train()
     images = 0
-    _sync(device)
+    _sync()
     start = time.perf_counter()
     for x, y in loader:
         x, y = x.to(device), y.to(device)  # a new batch tensor: the teacher runs again for this method
@@ -159,5 +159,5 @@ def distill_epoch(distiller: Distiller, loader: DataLoader) -> tuple[int, float]
         loss.backward()
         optimizer.step()
         images += x.shape[0]
-    _sync(device)
+    _sync()
     return images, time.perf_counter() - start

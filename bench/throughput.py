@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
@@ -154,12 +153,10 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds
 
 def train_flops_per_image(size: int) -> dict[str, float]:
     """FLOPs of one image: a training step is ~3 forward passes (forward, two backward products)."""
+    from kd.metrics import forward_flops
     teacher, student = _models(10, torch.device("cpu"))
-    forward = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size))
-        forward[name] = counter.get_total_flops()
+    image = torch.zeros(1, 3, size, size)
+    forward = {"teacher": forward_flops(teacher.eval(), image), "student": forward_flops(student.eval(), image)}
     return {"teacher": 3 * forward["teacher"], "kd": 3 * forward["student"] + forward["teacher"]}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -227,6 +228,9 @@ class ImageData:
     def shard_size(self) -> int:
         """Training images per process and epoch (all of them unless several processes share the work)."""
         return self.counts["train"] // distributed.world_size()
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.shard_size() / batch_size)
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
                       channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -98,6 +98,14 @@ def paired_comparison(method: dict[int, float], baseline: dict[int, float]) -> t
 
 
 @torch.no_grad()
+def forward_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
+    """FLOPs of `model`'s forward pass on `image` (counted per operator by PyTorch)."""
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        model(image)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
 def model_cost(model: torch.nn.Module, image_size: int, device: torch.device, autocast, runs: int = 20) -> dict:
     """Parameters, FLOPs of one image's forward pass, and median batch-1 inference latency (ms)."""
     was_training = model.training
@@ -105,8 +113,7 @@ def model_cost(model: torch.nn.Module, image_size: int, device: torch.device, au
     image = torch.randn(1, 3, image_size, image_size, device=device)
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
         image = image.contiguous(memory_format=torch.channels_last)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        model(image)
+    flops = forward_flops(model, image)
     timings = []
     with autocast():
         for i in range(runs + 3):  # the first runs warm up caches and kernels
@@ -119,5 +126,5 @@ def model_cost(model: torch.nn.Module, image_size: int, device: torch.device, au
             if i >= 3:
                 timings.append((time.perf_counter() - started) * 1000.0)
     model.train(was_training)
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops()),
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": flops,
             "latency_ms": float(np.median(timings))}

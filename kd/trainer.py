@@ -163,8 +163,8 @@ class _Run:
         self.model = distributed.wrap(distiller, runtime.device)
         self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"])
-        steps_per_epoch = math.ceil(data.shard_size() / cfg["batch_size"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
+        schedule = lr_factor(cfg, data.steps_per_epoch(cfg["batch_size"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
         self.progress = {"history": [], "best_score": -1.0, "best_epoch": 0, "test_at_best": None,
                          "elapsed": 0.0, "student_init": tensor_digest(*distiller.student.state_dict().values())}
@@ -328,7 +328,7 @@ def _train_epoch(runs: list[_Run], data: ImageData, seed: int, epoch: int, batch
     teacher_user = next((run.distiller for run in runs if run.distiller.teacher is not None), None)
     started = time.perf_counter()
     batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last),
-                   total=math.ceil(data.shard_size() / batch_size), desc=f"epoch {epoch + 1}",
+                   total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
     for step, (images, labels) in enumerate(batches):
