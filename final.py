@@ -16,8 +16,9 @@ import torch
 
 from kd import METHODS, distributed
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
+from kd.estimate import describe_estimate, estimate_seconds
 from kd.experiment import describe_plan, method_groups, obtain_teacher, prepare, reusable_teacher, run_methods
-from kd.resume import first_difference
+from kd.resume import first_difference, kept_precision
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
 from models import build_resnet
 
@@ -158,8 +159,6 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     setup_logging()
     setup = prepare(validate_config(config if config is not None else default_config()), decode_all=check_only)
     config, exp = setup.config, setup.config["experiment"]
-    if distributed.is_main():
-        print(describe_plan(setup))
     if resume is not None:
         exp_dir, records, summary = resume
         difference = first_difference(summary["config"], config)
@@ -170,8 +169,13 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
                             "a new experiment without --resume")
         records = [r for r in records if r["status"] == "ok"]  # failed runs are tried again
         setup.stamp = summary["stamp"]
+        setup.runtime = kept_precision(setup.runtime, summary["environment"]["precision"], exp_dir)
+    if distributed.is_main():
+        print(describe_plan(setup))
     saved_teacher = reusable_teacher(setup, resume_records=records if resume else None)
     if check_only:
+        if distributed.is_main():
+            print(describe_estimate(estimate_seconds(setup, train_teacher=saved_teacher is None), setup))
         print("check passed: data and config are valid; nothing was trained")
         return []
     if resume is None:
@@ -228,6 +232,10 @@ def _finish_run(setup, records: list[dict], summary: dict, names: list[str], see
 
 
 if __name__ == "__main__":
-    from run_experiment import cli, with_malloc_tunables
+    from kd.launch import exit_code, with_malloc_tunables
+    if len(sys.argv) > 1:  # the flags live in run_experiment.py, which imports this file (not the reverse)
+        sys.stderr.write("error: final.py runs the dicts above as they are and takes no flags; "
+                         f"use python run_experiment.py {' '.join(sys.argv[1:])}\n")
+        sys.exit(2)
     with_malloc_tunables()
-    sys.exit(cli())
+    sys.exit(exit_code(main))

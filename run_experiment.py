@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -99,45 +98,26 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kd.config import UserError
+    from kd.launch import exit_code
+    return exit_code(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     import final
-    try:
-        if args.report:
-            from kd.report import format_table, rebuild
-            print(format_table(rebuild(args.report)))
-            return 0
-        config = config_from_args(args)
-        resume = None
-        if args.resume is not None:  # continue with the stored settings; given flags must not change them
-            from kd.resume import find_unfinished
-            resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
-            config = config_from_args(args, base=resume[2]["config"])
-        records = final.main(config, check_only=args.check, resume=resume)
-    except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    except KeyboardInterrupt:  # final.main has logged where the finished runs are and how to resume
-        sys.stderr.write("interrupted\n")
-        return 130
-    finally:
-        from kd import distributed
-        distributed.shutdown()
-    return 1 if any(r["status"] == "failed" for r in records) else 0
-
-
-# glibc's malloc returns freed memory to the system eagerly and serves big blocks with mmap, so every
-# training step pays page faults for its activations again; keeping the memory around is 1.6-1.8x faster
-# for ResNet50 training on a 2-core CPU (DESIGN.md). Set GLIBC_TUNABLES yourself (even empty) to opt out.
-MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296:"
-                   "glibc.malloc.top_pad=268435456")
-
-
-def with_malloc_tunables() -> None:
-    """Re-execute this process with MALLOC_TUNABLES, once, where glibc reads them (Linux)."""
-    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
+    if args.report:
+        from kd.report import format_table, rebuild
+        print(format_table(rebuild(args.report)))
+        return []
+    config = config_from_args(args)
+    resume = None
+    if args.resume is not None:  # continue with the stored settings; given flags must not change them
+        from kd.resume import find_unfinished
+        resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
+        config = config_from_args(args, base=resume[2]["config"])
+    return final.main(config, check_only=args.check, resume=resume)
 
 
 if __name__ == "__main__":
+    from kd.launch import with_malloc_tunables
     with_malloc_tunables()
     sys.exit(cli())

@@ -45,13 +45,14 @@ def _models(num_classes: int, device: torch.device):
 
 
 def _distillers(student_state: dict, teacher, num_classes: int, settings: dict):
+    """KD, AT and FitNets on the teacher's device: students and extra modules (FitNets' regressor) too."""
     from kd import METHODS
     from models import build_resnet
     distillers = []
     for name in METHOD_NAMES:
         student = build_resnet("ResNet18", num_classes, "cifar")
         student.load_state_dict(student_state)
-        distillers.append(METHODS[name](student.to(next(teacher.parameters()).device), teacher, **settings[name]))
+        distillers.append(METHODS[name](student, teacher, **settings[name]).to(next(teacher.parameters()).device))
     return distillers
 
 
@@ -95,7 +96,8 @@ def run_project(data, size: int, steps: int, distill_images: int, device: torch.
     import final
     from kd.baseline import Baseline
     from kd.hinton import KD
-    from kd.trainer import RunSpec, Runtime, fit, fit_together, resolve_precision
+    from kd.runtime import Runtime, resolve_precision
+    from kd.trainer import RunSpec, fit, fit_together
     runtime = Runtime(device, resolve_precision("auto", device), channels_last=True)
     classes = len(data.class_names)
     teacher, student = _models(classes, device)
@@ -161,7 +163,7 @@ def train_flops_per_image(size: int) -> dict[str, float]:
 
 
 def _side(side: str, size: int, args: argparse.Namespace) -> dict:
-    from run_experiment import MALLOC_TUNABLES
+    from kd.launch import MALLOC_TUNABLES
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if side == "project":
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # what run_experiment.py sets for itself

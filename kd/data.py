@@ -155,16 +155,19 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int
+    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int, pin_memory: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 image batches and labels in the given order."""
+        """uint8 image batches and labels in the given order (`pin_memory`: streamed batches in page-locked
+        memory, so that their copy to a GPU need not wait)."""
         if self.images is not None:
+            order = to_device(order, self.images.device)  # one copy per epoch, not one per batch
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 yield self.images[index], self.labels[index]
             return
         loader = torch.utils.data.DataLoader(self.files, batch_size=batch_size, sampler=order.tolist(),
-                                             num_workers=num_workers, persistent_workers=False)
+                                             num_workers=num_workers, persistent_workers=False,
+                                             pin_memory=pin_memory)
         try:
             yield from loader
         except UserError as err:  # re-raised from a worker with its traceback: keep the one-line message
@@ -173,8 +176,13 @@ class Split:
 
 def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool, desc: str, keep: bool = True
                 ) -> tuple[torch.Tensor | None, list[tuple[Path, int]], int]:
-    """Decode every image once (kept in memory when `keep`), dropping unreadable ones if `skip_bad`."""
-    images, kept, bad = [], [], 0
+    """Decode every image once (kept in memory when `keep`), dropping unreadable ones if `skip_bad`.
+
+    The images go straight into one preallocated uint8 tensor: peak memory is the cache itself, not
+    the cache plus a list of per-image copies.
+    """
+    images = torch.empty((len(samples) if keep else 0, 3, image_size, image_size), dtype=torch.uint8)
+    kept, bad = [], 0
     for path, label in tqdm(samples, desc=desc, unit="img", leave=False, disable=distributed.quiet()):
         try:
             image = decode(path, image_size)
@@ -183,10 +191,10 @@ def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool
                 raise
             bad += 1
             continue
-        kept.append((path, label))
         if keep:
-            images.append(image)
-    return (torch.stack(images) if keep else None), kept, bad
+            images[len(kept)] = image
+        kept.append((path, label))
+    return (images[:len(kept)] if keep else None), kept, bad
 
 
 @dataclass
@@ -204,6 +212,7 @@ class ImageData:
     fingerprint: str
     num_workers: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    _normalization: dict = field(default_factory=dict, init=False, repr=False)  # device -> (mean, std)
 
     def __post_init__(self) -> None:
         self.counts = {name: len(split) for name, split in self.splits.items()}
@@ -225,12 +234,15 @@ class ImageData:
             split.images, split.labels = split.images.to(device), split.labels.to(device)
         return True
 
-    def shard_size(self) -> int:
-        """Training images per process and epoch (all of them unless several processes share the work)."""
-        return self.counts["train"] // distributed.world_size()
+    def epoch_images(self, batch_size: int) -> int:
+        """Training images one process sees per epoch: its shard of the split (all of it when alone), less
+        a last image that would make a batch of one, on which BatchNorm cannot train. The lr schedule,
+        the progress bar and `train_batches` all count from here, so they agree for every size."""
+        shard = self.counts["train"] // distributed.world_size()
+        return shard - 1 if shard % batch_size == 1 and shard > 1 else shard
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.shard_size() / batch_size)
+        return math.ceil(self.epoch_images(batch_size) / batch_size)
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
                       channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -239,45 +251,60 @@ class ImageData:
         order = torch.randperm(len(train), generator=generator)
         world, rank = distributed.world_size(), distributed.rank()
         if world > 1:  # each process its own shard, all of the same length so that they step together
-            order = order[:self.shard_size() * world][rank::world]
+            order = order[:len(train) // world * world][rank::world]
             generator = self.epoch_generator(seed * world + rank, epoch + 1_000)
-        if len(order) % batch_size == 1 and len(order) > 1:
-            order = order[:-1]  # a batch of one image breaks BatchNorm's training statistics
-        for images, labels in train.batches(order, batch_size, self.num_workers):
-            images = self.augment(images.to(device, non_blocking=True), generator)
-            yield self.normalize(images, channels_last), labels.to(device, non_blocking=True)
+        order = order[:self.epoch_images(batch_size)]
+        for images, labels in train.batches(order, batch_size, self.num_workers, pin_memory=device.type == "cuda"):
+            images = self.augment(to_device(images, device), generator)
+            yield self.normalize(images, channels_last), to_device(labels, device)
 
     def eval_indices(self, split: str) -> torch.Tensor:
-        """This process's share of a split for evaluation (the whole split when it is alone)."""
+        """This process's share of a split for evaluation (the whole split when it is alone; empty when
+        the split has fewer images than there are processes)."""
         return torch.arange(len(self.splits[split]))[distributed.rank()::distributed.world_size()]
 
     def eval_batches(self, split: str, batch_size: int, device: torch.device, channels_last: bool
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = self.splits[split]
-        for images, labels in data.batches(self.eval_indices(split), batch_size, self.num_workers):
-            yield self.normalize(images.to(device), channels_last), labels.to(device)
+        for images, labels in data.batches(self.eval_indices(split), batch_size, self.num_workers,
+                                           pin_memory=device.type == "cuda"):
+            yield self.normalize(to_device(images, device), channels_last), to_device(labels, device)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding (S/8 pixels) and optional horizontal flip, for a whole batch."""
+        """Random crop with zero padding (S/8 pixels) and optional horizontal flip, for a whole batch.
+
+        The random numbers come from the CPU generator (the same on every device), and reach a GPU
+        by an asynchronous copy.
+        """
         n, _, size, _ = images.shape
         pad = max(1, size // 8)
         padded = F.pad(images, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
+        offsets = to_device(torch.randint(0, 2 * pad + 1, (2, n), generator=generator), images.device)
         span = torch.arange(size, device=images.device)
         rows = (offsets[0][:, None] + span)[:, :, None]
         cols = (offsets[1][:, None] + span)[:, None, :]
         batch = torch.arange(n, device=images.device)[:, None, None]
         crops = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            flip = to_device(torch.rand(n, generator=generator) < 0.5, images.device)
             crops = torch.where(flip[:, None, None, None], crops.flip(3), crops)
         return crops
 
     def normalize(self, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        if images.device not in self._normalization:  # made once per device, not copied there every batch
+            self._normalization[images.device] = (torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1),
+                                                  torch.tensor(self.std, device=images.device).view(1, 3, 1, 1))
+        mean, std = self._normalization[images.device]
         out = (images.float() / 255.0 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor goes to a GPU through page-locked memory without blocking, so
+    the host can queue the next kernels instead of waiting for the GPU to drain."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _fingerprint(root: Path, splits: dict[str, SplitFiles]) -> str:
@@ -320,16 +347,28 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
                      _fingerprint(root, files), num_workers if not fits else 0)
 
 
-def _channel_stats(train: Split, max_images: int = 2000) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of the training images (from a sample when they are streamed)."""
-    if train.images is not None:
-        sample = train.images[:max_images]
-    else:
-        step = max(1, len(train) // max_images)
-        sample = torch.stack([train.files[i][0] for i in range(0, len(train), step)])
-    pixels = sample.float().div(255.0).transpose(0, 1).reshape(3, -1)
-    std = pixels.std(dim=1).clamp_min(1e-3)  # a constant channel must not divide by zero
-    return pixels.mean(dim=1).tolist(), std.tolist()
+def _channel_stats(train: Split, max_streamed: int = 2000, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the training images: all of them when decoded in memory, an even sample
+    of about `max_streamed` across the split when streamed (decoding them all would take a pass).
+
+    The split is listed class by class, so a sample must span all of it, never its first images. Sums
+    run in float64 over chunks, so memory stays small whatever the number and size of the images.
+    """
+    step = 1 if train.images is not None else max(1, len(train) // max_streamed)
+    picked = range(0, len(train), step)
+    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for start in range(0, len(picked), chunk):
+        index = picked[start:start + chunk]
+        batch = (train.images[index.start:index.stop:index.step] if train.images is not None
+                 else torch.stack([train.files[i][0] for i in index]))
+        pixels = batch.to("cpu", torch.float64).div_(255.0).transpose(0, 1).reshape(3, -1)
+        total += pixels.sum(dim=1)
+        squares += pixels.square().sum(dim=1)
+        count += pixels.shape[1]
+    mean = total / count
+    variance = (squares - count * mean.square()) / max(1, count - 1)  # sample variance, as torch.std
+    std = variance.clamp_min(0).sqrt().clamp_min(1e-3)  # a constant channel must not divide by zero
+    return mean.tolist(), std.tolist()
 
 
 def export_digits_demo(root: str | Path) -> Path:

@@ -7,6 +7,7 @@ here is a no-op, so the single-process path is the same code.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 def launched() -> bool:
-    """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun started this process (also as the only one: a 1-process job still uses DDP and
+    its backend, which is how one GPU checks the multi-GPU path)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def active() -> bool:
@@ -32,6 +34,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
+
+
+def backend() -> str | None:
+    """The process group's backend (nccl, gloo), None when this process trains alone."""
+    return dist.get_backend() if active() else None
 
 
 def is_main() -> bool:
@@ -52,7 +59,10 @@ def init(device_name: str) -> str:
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if is_main():
+        logging.getLogger("kd").info("torchrun job: %d process(es), backend %s", world_size(), backend)
     return f"cuda:{local_rank}" if use_cuda else device_name
 
 
@@ -91,6 +101,15 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics). Each process updates its own
+    from its own batches, so after a training step they differ; rank 0's are the ones saved, and
+    evaluating with them scores exactly the saved model."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -14,8 +14,8 @@ from kd.checkpoint import load_checkpoint
 from kd.config import UserError
 from kd.data import ImageData, load_image_data
 from kd.metrics import model_cost, prediction_metrics
-from kd.trainer import (Evaluation, RunFailed, RunSpec, Runtime, evaluate, fit, fit_together, resolve_device,
-                        resolve_precision)
+from kd.runtime import Runtime, resolve_device, resolve_precision
+from kd.trainer import Evaluation, RunFailed, RunSpec, evaluate, fit, fit_together
 from models import build_resnet, resolve_stem
 
 log = logging.getLogger("kd")

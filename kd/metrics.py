@@ -76,10 +76,10 @@ def prediction_metrics(probs: torch.Tensor, labels: torch.Tensor, teacher_predic
     }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value: one run has no spread to show)."""
     array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
 
 
 def paired_comparison(method: dict[int, float], baseline: dict[int, float]) -> tuple[float | None, float | None]:

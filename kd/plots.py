@@ -36,22 +36,28 @@ def _runs_by_method(records: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def accuracy_comparison(rows: list[dict], path: Path) -> str:
+def method_colors(methods: list[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per method (in the table's order), the same in every figure."""
+    return dict(zip(methods, sns.color_palette("deep" if len(methods) <= 10 else "husl", len(methods))))
+
+
+def accuracy_comparison(rows: list[dict], colors: dict, path: Path) -> str:
     students = [r for r in rows if r["method"] != "Teacher"]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(students) + 2), 4.5))
     names = [r["method"] for r in students]
-    ax.bar(names, [r["best_accuracy"] for r in students], yerr=[r["best_accuracy_std"] for r in students],
-           capsize=4, color=sns.color_palette("deep", len(students)))
+    spread = {r["method"]: r["best_accuracy_std"] or 0.0 for r in rows}  # no bar for a single seed
+    ax.bar(names, [r["best_accuracy"] for r in students], yerr=[spread[name] for name in names],
+           capsize=4, color=[colors[name] for name in names])
     for row in rows:
         if row["method"] in ("Teacher", "Baseline"):
             ax.axhline(row["best_accuracy"], linestyle="--" if row["method"] == "Teacher" else ":",
                        color="black", label=f"{row['method']} {row['best_accuracy']:.4f}")
-    low = min(r["best_accuracy"] - r["best_accuracy_std"] for r in rows)
+    low = min(r["best_accuracy"] - spread[r["method"]] for r in rows)
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     return _save(fig, path, ax, "Val accuracy by method", "", "best val accuracy (mean ± std over seeds)")
 
 
-def learning_curves(records: list[dict], path: Path) -> str:
+def learning_curves(records: list[dict], colors: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, runs in _runs_by_method(records).items():
         curves = [[h["score"] for h in r["history"]] for r in runs if r.get("history")]
@@ -60,21 +66,22 @@ def learning_curves(records: list[dict], path: Path) -> str:
         length = min(len(c) for c in curves)
         values = np.array([c[:length] for c in curves])
         epochs = np.arange(1, length + 1)
-        line, = ax.plot(epochs, values.mean(axis=0), marker="o", markersize=3, label=method)
+        ax.plot(epochs, values.mean(axis=0), marker="o", markersize=3, label=method, color=colors[method])
         if len(curves) > 1:
-            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), alpha=0.2, color=line.get_color())
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), alpha=0.2, color=colors[method])
     return _save(fig, path, ax, "Learning curves", "epoch", "val accuracy (mean; band: min–max over seeds)")
 
 
-def accuracy_vs_time(records: list[dict], path: Path) -> str:
+def accuracy_vs_time(records: list[dict], colors: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, runs in _runs_by_method(records).items():
-        ax.scatter([r["training_time"] for r in runs], [r["best_accuracy"] for r in runs], label=method, s=40)
+        ax.scatter([r["training_time"] for r in runs], [r["best_accuracy"] for r in runs], label=method, s=40,
+                   color=colors[method])
     return _save(fig, path, ax, "Accuracy against training time (one point per run)", "training time (s)",
                  "best val accuracy")
 
 
-def reliability(records: list[dict], path: Path) -> str:
+def reliability(records: list[dict], colors: dict, path: Path) -> str:
     """Reliability diagram: accuracy against confidence per bin, pooled over seeds."""
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
@@ -84,7 +91,8 @@ def reliability(records: list[dict], path: Path) -> str:
         keep = counts > 0
         conf = sum(np.nan_to_num(np.array(b["confidence"], dtype=float)) * b["count"] for b in bins)
         acc = sum(np.nan_to_num(np.array(b["accuracy"], dtype=float)) * b["count"] for b in bins)
-        ax.plot(conf[keep] / counts[keep], acc[keep] / counts[keep], marker="o", markersize=3, label=method)
+        ax.plot(conf[keep] / counts[keep], acc[keep] / counts[keep], marker="o", markersize=3, label=method,
+                color=colors[method])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     return _save(fig, path, ax, "Reliability (val, 15 bins)", "confidence", "accuracy", legend="upper left")
@@ -103,10 +111,11 @@ def confusion(records: list[dict], method: str, class_names: list[str], path: Pa
 def write_plots(exp_dir: Path, records: list[dict], rows: list[dict], class_names: list[str],
                 best_method: str | None) -> dict[str, str]:
     """Draw every figure into the experiment folder; returns {figure: file name}."""
-    plots = {"accuracy_comparison": accuracy_comparison(rows, exp_dir / "accuracy_comparison.png"),
-             "learning_curves": learning_curves(records, exp_dir / "learning_curves.png"),
-             "accuracy_vs_time": accuracy_vs_time(records, exp_dir / "accuracy_vs_time.png"),
-             "reliability": reliability(records, exp_dir / "reliability.png")}
+    colors = method_colors([row["method"] for row in rows])
+    plots = {"accuracy_comparison": accuracy_comparison(rows, colors, exp_dir / "accuracy_comparison.png"),
+             "learning_curves": learning_curves(records, colors, exp_dir / "learning_curves.png"),
+             "accuracy_vs_time": accuracy_vs_time(records, colors, exp_dir / "accuracy_vs_time.png"),
+             "reliability": reliability(records, colors, exp_dir / "reliability.png")}
     finished = _runs_by_method(records)
     for method in dict.fromkeys(["Teacher", best_method]):
         if method in finished:

@@ -136,7 +136,7 @@ def experiment_summary(setup, exp_dir: Path) -> dict:
                             "torchvision": str(torchvision.__version__), "platform": platform.platform(),
                             "device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
                             "threads": torch.get_num_threads(), "precision": setup.runtime.precision,
-                            "processes": distributed.world_size()},
+                            "processes": distributed.world_size(), "backend": distributed.backend()},
             "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
                      "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,

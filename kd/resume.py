@@ -1,10 +1,15 @@
 """Finding an unfinished experiment and checking that it may be continued with the given settings."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 from kd.config import UserError
 from kd.report import read_experiment
+from kd.runtime import Runtime, check_precision
+
+log = logging.getLogger("kd")
 
 # Settings that do not change results on the same machine; everything else must match to resume.
 FREE_TO_CHANGE = {"device", "num_workers", "cache_max_gb", "logs_dir", "checkpoints_dir", "retrain_teacher",
@@ -42,3 +47,20 @@ def first_difference(stored: dict, current: dict, path: str = "") -> str | None:
         elif old != new:
             return f"{where} was {old!r}, now {new!r}"
     return None
+
+
+def kept_precision(runtime: Runtime, started_in: str, exp_dir: Path) -> Runtime:
+    """The runtime to continue an experiment with: the precision it started in, also where "auto" now
+    resolves to another one (another device), since a run must not change precision halfway through.
+    A device that cannot train in that precision is refused."""
+    if started_in == runtime.precision:
+        return runtime
+    try:
+        check_precision(started_in, runtime.device)
+    except UserError:
+        raise UserError(f"cannot resume {exp_dir}: it trains in {started_in}, which {runtime.device} cannot run; "
+                        "resume it on a device like the one it started on (a CUDA GPU), or start a new "
+                        "experiment") from None
+    log.info("Resuming in %s, the precision this experiment started in (auto would pick %s on %s)",
+             started_in, runtime.precision, runtime.device)
+    return dataclasses.replace(runtime, precision=started_in)

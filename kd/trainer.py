@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,62 +24,13 @@ from kd.base import Distiller
 from kd.checkpoint import load_state, save_checkpoint, save_state
 from kd.config import UserError
 from kd.data import ImageData
+from kd.runtime import Runtime
 
 log = logging.getLogger("kd")
 
 
 class RunFailed(Exception):
     """One run could not finish (e.g. its loss diverged); the experiment records it and goes on."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how tensors are computed, resolved once per experiment."""
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16
-    channels_last: bool
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-    def place(self, module: torch.nn.Module) -> torch.nn.Module:
-        module.to(self.device)
-        return module.to(memory_format=torch.channels_last) if self.channels_last else module
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; an explicit device must exist."""
-    mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
-                            "use --device cuda:0 or auto")
-    if name == "mps" and not mps_ok:
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 (else fp16) autocast on CUDA, bf16 on CPUs with native bf16 math, fp32 otherwise."""
-    bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device.type == "cpu" and bf16_cpu else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a GPU; on the CPU use --precision bf16, fp32 or auto")
-    return precision
 
 
 def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
@@ -108,23 +58,33 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int, runtime: Runtime) -> Evaluation:
-    """Evaluate every named output of `predict` on a whole split (each process its share of it)."""
+    """Evaluate every named output of `predict` on a whole split (each process its share of it).
+
+    Evaluation runs in float32 whatever the training precision: the recorded accuracy, NLL, ECE and
+    agreement are those of the saved checkpoint loaded in float32.
+    """
     distiller.eval()
-    correct: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
+    correct: dict[str, torch.Tensor] = {}
     probs, labels_seen = [], []
     for images, labels in data.eval_batches(split, batch_size, runtime.device, runtime.channels_last):
-        with runtime.autocast():
-            outputs = distiller.predict(images)
+        outputs = distiller.predict(images)
         for name, logits in outputs.items():
-            correct[name] += (logits.argmax(dim=1) == labels).sum()
-        probs.append(outputs["student"].float().softmax(dim=1).cpu())
-        labels_seen.append(labels.cpu())
+            correct[name] = correct.get(name, 0) + (logits.float().argmax(dim=1) == labels).sum()
+        probs.append(outputs["student"].float().softmax(dim=1))
+        labels_seen.append(labels)
+    classes = len(data.class_names)
+    share = (data.eval_indices(split), torch.cat(probs).cpu() if probs else torch.empty(0, classes),
+             torch.cat(labels_seen).cpu() if labels_seen else torch.empty(0, dtype=torch.long),
+             {name: int(count) for name, count in correct.items()})
+    # One collective, whatever each process holds: a process whose share is empty (a split with fewer
+    # images than processes) still answers, and knows the output names from the others.
+    shares = distributed.gather_objects(share)
     total = len(data.splits[split])
-    accuracies = {name: distributed.sum_all(value).item() / total for name, value in correct.items()}
-    shares = distributed.gather_objects((data.eval_indices(split), torch.cat(probs), torch.cat(labels_seen)))
-    order = torch.cat([indices for indices, _, _ in shares]).argsort()  # back to the split's order
-    return Evaluation(accuracies, torch.cat([p for _, p, _ in shares])[order],
-                      torch.cat([labels for _, _, labels in shares])[order])
+    names = dict.fromkeys(name for *_, counts in shares for name in counts)
+    accuracies = {name: sum(counts.get(name, 0) for *_, counts in shares) / total for name in names}
+    order = torch.cat([indices for indices, *_ in shares]).argsort()  # back to the split's order
+    return Evaluation(accuracies, torch.cat([p for _, p, *_ in shares])[order],
+                      torch.cat([labels for _, _, labels, _ in shares])[order])
 
 
 @dataclass
@@ -186,6 +146,9 @@ class _Run:
             raise UserError(f"'{path}' holds another model's state: start a new experiment without --resume")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("precision", self.runtime.precision) != self.runtime.precision:
+            raise UserError(f"'{path}' was trained in {state['precision']}, this run is set up for "
+                            f"{self.runtime.precision}: resume with the experiment's own precision")
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         self.progress = state["progress"]
@@ -195,18 +158,20 @@ class _Run:
         """Everything an interrupted run needs to continue exactly (the frozen teacher is saved elsewhere)."""
         return {"distiller": {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teacher.")},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(), "progress": self.progress,
+                "scaler": self.scaler.state_dict(), "precision": self.runtime.precision,
+                "rng": torch.get_rng_state(), "progress": self.progress,
                 "best_eval": None if self.best_eval is None else vars(self.best_eval)}
 
     def start_epoch(self, epoch: int) -> None:
         self.distiller.train()
         self.distiller.start_epoch(epoch, self.spec.train_cfg["epochs"])
         self.loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.runtime.device))
-        self.correct, self.seen, self.seconds = torch.zeros((), device=self.runtime.device), 0, 0.0
+        self.correct, self.seen = torch.zeros((), device=self.runtime.device), 0
+        self.stopwatch = self.runtime.stopwatch()  # this run's own steps; shared work is timed by the epoch
         self.lr = self.optimizer.param_groups[0]["lr"]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
+        self.stopwatch.start()
         with self.runtime.autocast():
             logits, losses = self.model(images, labels)
             loss = sum(losses.values())
@@ -220,7 +185,7 @@ class _Run:
             self.loss_sums[name] += value.detach().float() * n
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.seen += n
-        self.seconds += time.perf_counter() - started
+        self.stopwatch.stop()
         return loss
 
     def end_epoch(self, epoch: int, first_batch: str, shared_seconds: float) -> None:
@@ -232,8 +197,9 @@ class _Run:
             self.failure = RunFailed(f"{spec.name} (seed {spec.seed}) diverged in epoch {epoch + 1}: loss "
                                      f"{losses}; try a lower lr or --precision fp32")
             return
-        seconds = self.seconds + shared_seconds
+        seconds = self.stopwatch.seconds() + shared_seconds
         started = time.perf_counter()
+        distributed.sync_buffers(self.distiller)  # evaluate (and save) rank 0's BatchNorm statistics
         val = evaluate(self.distiller, self.data, "val", cfg["batch_size"], self.runtime)
         entry = {"epoch": epoch + 1, "lr": self.lr, "train_loss": losses,
                  "train_accuracy": distributed.sum_all(self.correct).item() / images, "images": images,
@@ -326,6 +292,7 @@ def _train_epoch(runs: list[_Run], data: ImageData, seed: int, epoch: int, batch
     for run in runs:
         run.start_epoch(epoch)
     teacher_user = next((run.distiller for run in runs if run.distiller.teacher is not None), None)
+    runtime.synchronize()  # the clock starts with an idle device: no earlier work counts in this epoch
     started = time.perf_counter()
     batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last),
                    total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
@@ -342,7 +309,8 @@ def _train_epoch(runs: list[_Run], data: ImageData, seed: int, epoch: int, batch
             seen = runs[0].seen
             batches.set_postfix(loss="/".join(f"{loss.item():.3f}" for loss in losses),
                                 img_s=f"{seen * len(runs) / (time.perf_counter() - started):.0f}")
-    shared = time.perf_counter() - started - sum(run.seconds for run in runs)
+    runtime.synchronize()  # the epoch's last steps have run, not only been queued
+    shared = max(0.0, time.perf_counter() - started - sum(run.stopwatch.seconds() for run in runs))
     for run in runs:
         run.end_epoch(epoch, first_batch, shared / len(runs))
 

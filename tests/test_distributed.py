@@ -13,7 +13,8 @@ import torch
 from kd.baseline import Baseline
 from kd.checkpoint import load_checkpoint
 from kd.data import load_image_data
-from kd.trainer import Runtime, evaluate
+from kd.runtime import Runtime
+from kd.trainer import evaluate
 from models import build_resnet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import run_experiment
 from kd.baseline import Baseline
 from kd.config import UserError
 from kd.data import load_image_data
-from kd.trainer import RunSpec, Runtime, fit, lr_factor, resolve_device, resolve_precision
+from kd.runtime import Runtime, resolve_device, resolve_precision
+from kd.trainer import RunSpec, fit, lr_factor
 from models import apply_stem, build_resnet
 
 RECORD_KEYS = {"method", "model", "teacher", "seed", "best_accuracy", "final_accuracy", "best_epoch",

@@ -144,7 +144,7 @@ def test_mean_std_sample_std():
     # 0.70, 0.74, 0.72: mean 0.72; deviations -0.02, 0.02, 0 -> Σ = 0.0008; /(3-1) = 0.0004; sqrt = 0.02
     mean, std = mean_std([0.70, 0.74, 0.72])
     assert mean == pytest.approx(0.72) and std == pytest.approx(0.02)
-    assert mean_std([0.5]) == (0.5, 0.0)
+    assert mean_std([0.5]) == (0.5, None)  # one run has no spread: shown empty, not 0.0000
 
 
 def test_paired_comparison_by_hand():
@@ -227,7 +227,7 @@ def test_aggregate_across_seeds_by_hand():
     assert [r["method"] for r in rows] == ["Teacher", "Baseline", "KD"]
     teacher, baseline, kd = rows
 
-    assert teacher["best_accuracy"] == 0.90 and teacher["best_accuracy_std"] == 0.0 and teacher["n_seeds"] == 1
+    assert teacher["best_accuracy"] == 0.90 and teacher["best_accuracy_std"] is None and teacher["n_seeds"] == 1
     assert teacher["model"] == "ResNet50"
     assert teacher["gain_vs_baseline"] is None and teacher["p_value_vs_baseline"] is None
     assert teacher["teacher_agreement"] is None
@@ -256,10 +256,10 @@ def test_aggregate_across_seeds_by_hand():
     assert set(CSV_COLUMNS) <= set(kd)
 
 
-def test_aggregate_single_seed_has_zero_std_and_no_p():
+def test_aggregate_single_seed_has_no_std_and_no_p():
     rows = aggregate([_record("Teacher", 0, 0.9), _record("Baseline", 0, 0.6), _record("KD", 0, 0.65)])
     kd = rows[2]
-    assert kd["n_seeds"] == 1 and kd["best_accuracy_std"] == 0.0
+    assert kd["n_seeds"] == 1 and kd["best_accuracy_std"] is None
     assert kd["gain_vs_baseline"] == pytest.approx(0.05) and kd["p_value_vs_baseline"] is None
 
 
@@ -303,8 +303,10 @@ def _check_csv_against_records(exp, records):
         acc = np.array([r["best_accuracy"] for r in runs], dtype=float)
         assert int(row["n_seeds"]) == len(runs)
         assert float(row["best_accuracy"]) == pytest.approx(np.mean(acc), rel=1e-12, abs=1e-15)
-        expected_std = np.std(acc, ddof=1) if len(acc) > 1 else 0.0
-        assert float(row["best_accuracy_std"]) == pytest.approx(expected_std, rel=1e-9, abs=1e-15)
+        if len(acc) > 1:
+            assert float(row["best_accuracy_std"]) == pytest.approx(np.std(acc, ddof=1), rel=1e-9, abs=1e-15)
+        else:
+            assert row["best_accuracy_std"] == ""  # one seed: empty, not 0.0
         assert float(row["training_time"]) == pytest.approx(np.mean([r["training_time"] for r in runs]), rel=1e-12)
         for key in MEAN_COLUMNS:
             values = [r[key] for r in runs if r.get(key) is not None]
@@ -376,7 +378,7 @@ def _check_summary(summary, records, table):
     for row in table:
         entry = methods[row["method"]]
         assert set(entry) >= {"mean", "std", "n", "gain_vs_baseline", "p_value_vs_baseline"}
-        assert entry["mean"] == float(row["best_accuracy"]) and entry["std"] == float(row["best_accuracy_std"])
+        assert entry["mean"] == float(row["best_accuracy"]) and entry["std"] == _num(row["best_accuracy_std"])
         assert entry["n"] == int(row["n_seeds"])
         assert entry["gain_vs_baseline"] == _num(row["gain_vs_baseline"])
         assert entry["p_value_vs_baseline"] == _num(row["p_value_vs_baseline"])

@@ -10,7 +10,8 @@ from kd.data import load_image_data
 from kd.experiment import method_groups
 from kd.fitnets import FitNets
 from kd.hinton import KD
-from kd.trainer import RunSpec, Runtime, fit_together
+from kd.runtime import Runtime
+from kd.trainer import RunSpec, fit_together
 from models import build_resnet
 
 TEACHER_BASED = ["KD", "AT", "FitNets"]

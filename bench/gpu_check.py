@@ -1,0 +1,174 @@
+"""The GPU check (run through bench/gpu_check.sh): the paths a CPU never runs, on one CUDA GPU, in minutes.
+
+Steps, each in its own process with a time limit, in a scratch folder (nothing is downloaded):
+  demo       python run_experiment.py --demo --device cuda (teacher and all six methods)
+  throughput python bench/throughput.py --quick --device cuda (plain loop against the project)
+  torchrun   a 1-process torchrun job (DDP over nccl) on the demo data, Baseline and KD, streaming the
+             images from disk (cache_max_gb=0: DataLoader workers, pinned memory)
+  resume     Baseline and KD killed (SIGKILL) after KD's first epoch, then --resume, against the same
+             experiment uninterrupted
+It prints one summary table, appends it to bench/RESULTS.md with the GPU's name, writes it to
+`--out` (default bench/gpu_check_logs/) with every step's log, and exits 1 if any step failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_S = 420  # no step starts after this many seconds, so the whole check ends within ~8 minutes
+DEMO = [sys.executable, str(REPO / "run_experiment.py"), "--demo", "--device", "cuda"]
+
+
+class Check:
+    """Runs the steps, keeps their logs and the summary rows."""
+
+    def __init__(self, work: Path, out: Path):
+        self.work, self.out, self.rows, self.failed = work, out, [], False
+
+    def run(self, name: str, command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess | None:
+        started = time.perf_counter()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        try:
+            done = subprocess.run(command, cwd=self.work, env=env, capture_output=True, text=True, timeout=timeout,
+                                  **kwargs)
+        except subprocess.TimeoutExpired as err:
+            output = [text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+                      for text in (err.stdout, err.stderr)]
+            self.log(name, f"TIMEOUT after {timeout} s\n" + "\n".join(output))
+            self.row(name, False, f"timed out after {timeout} s")
+            return None
+        self.log(name, f"$ {' '.join(command)}\nrc {done.returncode}, {time.perf_counter() - started:.0f} s\n"
+                       f"{done.stdout}\n{done.stderr}")
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            self.row(name, False, f"exit {done.returncode}: {last[:150]}")
+            return None
+        return done
+
+    def log(self, name: str, text: str) -> None:
+        with open(self.out / f"{name}.log", "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+    def row(self, name: str, ok: bool, detail: str) -> None:
+        self.rows.append((name, "ok" if ok else "FAILED", detail))
+        self.failed |= not ok
+        print(f"{name:<11} {'ok' if ok else 'FAILED':<6} {detail}", flush=True)
+
+
+def experiment(logs: Path) -> tuple[list[dict], dict]:
+    (folder,) = sorted(logs.glob("final_experiment_*"))[-1:]
+    return (json.loads((folder / "comparison_results.json").read_text()),
+            json.loads((folder / "experiment_summary.json").read_text()))
+
+
+def check_demo(check: Check) -> None:
+    started = time.perf_counter()
+    done = check.run("demo", [*DEMO, "--logs-dir", "logs", "--checkpoints-dir", "checkpoints"], timeout=200)
+    if done is None:
+        return
+    records, summary = experiment(check.work / "logs")
+    methods = ["Teacher", "Baseline", "KD", "AT", "FitNets", "DML", "BYOT"]
+    ok = [r["method"] for r in records if r["status"] == "ok"] == methods
+    detail = ", ".join(f"{r['method']} {r['best_accuracy']:.4f} ({r['training_time']:.0f} s, "
+                       f"{r['images_per_s']:.0f} img/s)" for r in records if r["status"] == "ok")
+    check.row("demo", ok, f"{summary['environment']['precision']}, {time.perf_counter() - started:.0f} s wall: "
+                          f"{detail}")
+
+
+def check_throughput(check: Check) -> None:
+    done = check.run("throughput", [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--device",
+                                    "cuda"], timeout=150)
+    if done is None:
+        return
+    ratios = json.loads(done.stdout.strip().splitlines()[-1])
+    check.row("throughput", True, ", ".join(f"{key} {value}" for key, value in ratios.items()))
+
+
+def check_torchrun(check: Check) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *DEMO[1:],
+               "--methods", "Baseline,KD", "--set", "experiment.cache_max_gb=0", "--logs-dir", "logs_torchrun",
+               "--checkpoints-dir", "checkpoints"]
+    if check.run("torchrun", command, timeout=90) is None:
+        return
+    records, summary = experiment(check.work / "logs_torchrun")
+    env = summary["environment"]
+    ok = env["backend"] == "nccl" and all(r["status"] == "ok" for r in records)
+    check.row("torchrun", ok, f"backend {env['backend']}, {env['processes']} process(es): " +
+              ", ".join(f"{r['method']} {r['best_accuracy']:.4f}" for r in records))
+
+
+def check_resume(check: Check) -> None:
+    argv = [*DEMO, "--methods", "Baseline,KD", "--checkpoints-dir", "checkpoints"]
+    if check.run("resume", [*argv, "--logs-dir", "logs_whole"], timeout=90) is None:
+        return
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(check.out / "resume.log", "a", encoding="utf-8") as log:
+        process = subprocess.Popen([*argv, "--logs-dir", "logs_killed"], cwd=check.work, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while not list((check.work / "logs_killed").glob("final_experiment_*/resume/KD_seed0.pt")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                check.row("resume", False, "the run ended or stalled before KD saved its first epoch")
+                return
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    if check.run("resume", [*argv, "--logs-dir", "logs_killed", "--resume"], timeout=90) is None:
+        return
+    whole, whole_summary = experiment(check.work / "logs_whole")
+    resumed, resumed_summary = experiment(check.work / "logs_killed")
+    same = ("method", "status", "epochs", "student_init_sha256", "first_batch_sha256")
+    ok = ([{k: r.get(k) for k in same} for r in whole] == [{k: r.get(k) for k in same} for r in resumed]
+          and whole_summary["environment"]["precision"] == resumed_summary["environment"]["precision"]
+          and all(len(r.get("history", [])) == r["epochs"] for r in resumed if r["method"] != "Teacher"))
+    check.row("resume", ok, "killed after KD's epoch 1, resumed: " + ", ".join(
+        f"{a['method']} {a['best_accuracy']:.4f} vs {b['best_accuracy']:.4f} uninterrupted"
+        for a, b in zip(resumed, whole)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "gpu_check_logs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to check", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(0)
+    capability = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    print(f"GPU: {name} (compute capability {capability}), torch {torch.__version__}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="kd_gpu_check_"))
+    check = Check(work, args.out)
+    started = time.perf_counter()
+    for step in (check_demo, check_throughput, check_torchrun, check_resume):
+        if time.perf_counter() - started > BUDGET_S:  # the check promises minutes: report what is left out
+            check.row(step.__name__.removeprefix("check_"), False, f"skipped: past the {BUDGET_S} s budget")
+            continue
+        step(check)
+    table = "\n".join(["| step | result | details |", "|---|---|---|",
+                       *(f"| {step} | {result} | {detail} |" for step, result, detail in check.rows)])
+    section = (f"\n## GPU check: {name} (compute capability {capability}), torch {torch.__version__} — "
+               f"{date.today()}\n\n`bash bench/gpu_check.sh` ({time.perf_counter() - started:.0f} s)\n\n{table}\n")
+    print(section)
+    (args.out / "gpu_check_table.md").write_text(section, encoding="utf-8")
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
+        results.write(section)
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if check.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
