@@ -64,6 +64,17 @@ def test_single_class_gives_the_count(capsys, make_image_folder, tmp_path):
     assert code == 2 and "1 class folder" in _one_error_line(err)
 
 
+@pytest.mark.parametrize("split, needle", [("val", "no readable image left in"),
+                                           ("train", "the train split has 1 image(s), too few for 1 process")])
+def test_too_few_readable_images_after_skipping(capsys, make_image_folder, tmp_path, split, needle):
+    root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class={"train": 1, "val": 1})
+    broken = (root / "val").rglob("*.png") if split == "val" else (root / "train" / "b").glob("*.png")
+    for image in list(broken):
+        image.write_bytes(b"not an image")
+    code, _, err = _cli(capsys, "--data", str(root), "--check", "--skip-bad-images", *_fast())
+    assert code == 2 and needle in _one_error_line(err)
+
+
 def test_differing_class_sets_are_listed(capsys, folder):
     (folder / "val" / "c").rename(folder / "val" / "z")
     code, _, err = _cli(capsys, "--data", str(folder), "--check")

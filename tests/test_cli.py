@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,8 @@ def test_check_prints_the_plan_and_trains_nothing(tmp_path, capsys, make_image_f
     assert "1 non-image file(s) ignored" in out
     assert f"{16}x{16} px" in out and "cifar stem" in out  # 8 px images: "auto" clamps to 16
     assert "AT, KD" in out and "seeds 0, 1" in out
+    estimate = re.search(r"estimated time: ~([\d.]+) (s|min) \(teacher ([\d.]+) (s|min), students", out)
+    assert estimate and float(estimate.group(1)) > 0, out  # from timed steps: the teacher is trained too
     assert "check passed" in out
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
 

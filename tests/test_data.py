@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from kd import distributed
 from kd.config import UserError
-from kd.data import (AUTO_SIZE_RANGE, auto_image_size, decode, export_digits_demo, load_image_data, load_rgb,
-                     scan_dataset)
+from kd.data import (AUTO_SIZE_RANGE, ImageData, Split, _channel_stats, auto_image_size, decode, export_digits_demo,
+                     load_image_data, load_rgb, scan_dataset)
+from kd.trainer import tensor_digest
 
 CPU = torch.device("cpu")
 
@@ -306,3 +308,55 @@ def test_hidden_subfolders_inside_a_class_are_ignored(tmp_path, make_image_folde
     shutil.copy(root / "train" / "a" / "img_000.png", hidden / "img_000-checkpoint.png")
     _, splits = scan_dataset(root)
     assert len(splits["train"].samples) == 18
+
+
+# --- real-size data: statistics, schedule and loader, the data path's values -------------------------
+
+def _tensor_data(images: torch.Tensor, labels: torch.Tensor, hflip: bool = False) -> ImageData:
+    """An in-memory ImageData straight from tensors (no files): train and val are the same images."""
+    split = Split(files=None, labels=labels, images=images)
+    return ImageData(Path("mem"), ["a", "b"], images.shape[-1], {"train": split, "val": split},
+                     [0.5] * 3, [0.25] * 3, hflip, 0, 0, "mem")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_channel_stats_describe_the_whole_class_ordered_split(streamed):
+    # listed class by class, as scan_dataset lists them: 2,500 black images of class 0, then 2,500 white
+    images = torch.cat([torch.zeros(2500, 3, 2, 2, dtype=torch.uint8), torch.full((2500, 3, 2, 2), 255, dtype=torch.uint8)])
+    labels = torch.cat([torch.zeros(2500, dtype=torch.long), torch.ones(2500, dtype=torch.long)])
+    split = (Split(files=list(zip(images, labels.tolist())), labels=labels) if streamed
+             else Split(files=None, labels=labels, images=images))
+    mean, std = _channel_stats(split)
+    # half the pixels are 0, half are 1: mean 0.5, std 0.5 (not the first class's 0 and the 1e-3 clamp)
+    assert mean == pytest.approx([0.5] * 3, abs=1e-3)
+    assert std == pytest.approx([0.5] * 3, abs=1e-3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_schedule_and_loader_agree_on_every_size(monkeypatch, world):
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        for n in range(2 * world, 41):
+            data = _tensor_data(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 2)
+            for batch_size in (1, 2, 3, 4, 8, 32):
+                sizes = [len(labels) for _, labels in data.train_batches(0, 0, batch_size, CPU, False)]
+                assert len(sizes) == data.steps_per_epoch(batch_size), (n, batch_size, world, rank)
+                assert sum(sizes) == data.epoch_images(batch_size)
+                assert batch_size == 1 or 1 not in sizes  # never a batch of one for BatchNorm
+
+
+def test_data_path_values_are_unchanged(tmp_path, make_image_folder):
+    """The order, crops, flips and normalisation of CPU batches, pinned as digests before the data path
+    learnt non-blocking copies: on the CPU the records stay what they were."""
+    root = make_image_folder(tmp_path / "data", per_class={"train": 7, "val": 2}, size=8)
+    expected = {False: ['2fa66b524dee819b', '648fb21579122e6e', '6aa960f06c234145', 'dda33091799f1ee2',
+                        '7eb3b7adbed1b4e0'],
+                True: ['37e144bf217749f0', 'b6f1e452e0ec84f6', '60b493793604baf4', '06d3727814194d23',
+                       'd562cbbe16614066']}
+    for hflip, digests in expected.items():
+        data = load_image_data(root, 8, hflip=hflip, num_workers=0)
+        data.mean, data.std = [0.25, 0.5, 0.75], [0.5, 0.25, 0.125]
+        assert [tensor_digest(*b) for b in data.train_batches(3, 1, 4, CPU, True)] == digests
+        assert [tensor_digest(*b) for b in data.eval_batches("val", 4, CPU, True)] == ['a54b649ae6191f93',
+                                                                                        '9b2cf75b03c57267']

@@ -198,6 +198,19 @@ def test_fit_lowers_the_training_loss(tmp_path, make_image_folder):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_step_lr_decays_where_the_yielded_batches_say(tmp_path, make_image_folder):
+    # 33 images, batch 32: the lone 33rd image is dropped, so an epoch is one step, and StepLR(1, 0.1) must
+    # decay before the second epoch (counting a second, never yielded, step decayed it one epoch late)
+    root = make_image_folder(tmp_path / "data", per_class={"train": 11, "val": 2})
+    data = load_image_data(root, 8, hflip=False, num_workers=0)
+    cfg = final.create_student_config(epochs=3, batch_size=32, step_size=1, gamma=0.1)
+    spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline", {})
+    result, _ = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
+                    Runtime(torch.device("cpu"), "fp32", channels_last=False))
+    assert [h["images"] for h in result["history"]] == [32, 32, 32]
+    assert [h["lr"] for h in result["history"]] == pytest.approx([0.01, 0.001, 0.0001])
+
+
 def test_lr_factor_schedules():
     step = lr_factor({"warmup_epochs": 0, "epochs": 100, "scheduler": "step", "step_size": 30, "gamma": 0.1}, 10)
     assert step(0) == 1.0 and step(299) == 1.0

@@ -424,6 +424,8 @@ def test_tiny_experiment_report_files_and_rebuild(tmp_path, tiny_config, make_im
     assert "not significant" in report  # 2 seeds on 9 val images: never a significant win
     assert "significantly better" not in report and "significantly worse" not in report
     assert "| KD | ResNet18 | ResNet18 |" in report
+    teacher_row = next(line for line in report.splitlines() if line.startswith("| Teacher |")).split(" | ")
+    assert teacher_row[4:6] == ["", "1"]  # one seed: the std cell is empty, not 0.0000
 
     # --report rebuilds the same CSV and report.md byte for byte from the stored records
     csv_before = (exp / "comparison_results.csv").read_bytes()
@@ -451,3 +453,32 @@ def test_report_on_folder_without_results_exits_2(tmp_path, capsys):
     (empty / "comparison_results.json").write_text("{not json", encoding="utf-8")
     (empty / "experiment_summary.json").write_text("{}", encoding="utf-8")
     assert run_experiment.cli(["--report", str(empty)]) == 2
+
+
+def test_each_method_has_one_colour_in_every_plot(tmp_path, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from kd import plots
+    drawn = {}
+
+    def keep_axes(fig, path, ax=None, *args, **kwargs) -> str:  # instead of writing the PNG
+        drawn[path.stem] = ax
+        return path.name
+
+    monkeypatch.setattr(plots, "_save", keep_axes)
+    bins = {"count": [0] * 14 + [3], "confidence": [None] * 14 + [0.99], "accuracy": [None] * 14 + [1.0]}
+    records = [_record(method, seed, acc, history=[{"score": acc - 0.1}, {"score": acc}], reliability=bins,
+                       confusion_matrix=[[3, 0], [0, 3]])
+               for method, acc in (("Teacher", 0.9), ("Baseline", 0.7), ("KD", 0.75), ("AT", 0.72))
+               for seed in ((0,) if method == "Teacher" else (0, 1))]
+    rows = aggregate(records)
+    plots.write_plots(tmp_path, records, rows, ["a", "b"], "KD")
+
+    students = [row["method"] for row in rows if row["method"] != "Teacher"]
+    bars = {method: to_hex(bar.get_facecolor()) for method, bar in zip(students, drawn["accuracy_comparison"].patches)}
+    assert len(set(bars.values())) == len(students)  # distinct methods, distinct colours
+    for figure in ("learning_curves", "reliability"):
+        lines = {line.get_label(): to_hex(line.get_color()) for line in drawn[figure].get_lines()}
+        assert {method: lines[method] for method in students} == bars, figure
+    points = {c.get_label(): to_hex(c.get_facecolor()[0]) for c in drawn["accuracy_vs_time"].collections}
+    assert {method: points[method] for method in students} == bars

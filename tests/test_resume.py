@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import run_experiment
+from kd import runtime, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "test_accuracy",
@@ -146,3 +147,55 @@ def test_ctrl_c_prints_the_resume_command(tmp_path, reference):
     assert process.returncode == 130
     assert f"python run_experiment.py --resume {exp_dir}" in err and "Traceback" not in err
     assert (exp_dir / "resume" / "Baseline_seed0.pt").exists()  # saved: --resume continues from here
+
+
+CHEAP = ["--precision", "auto", "--methods", "KD", "--teacher-epochs", "1"]  # later flags win
+
+
+def _interrupted_after_first_epoch(argv: list[str], monkeypatch, method: str = "KD") -> Path:
+    """Run the experiment in this process and stop it (as Ctrl-C would) once `method` saved its first epoch."""
+    original = trainer._Run.end_epoch
+
+    def end_epoch(self, epoch, *args):
+        original(self, epoch, *args)
+        if self.spec.name == method and epoch == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer._Run, "end_epoch", end_epoch)
+        assert run_experiment.cli(argv) == 130
+    return next(Path(argv[argv.index("--logs-dir") + 1]).glob("final_experiment_*"))
+
+
+def test_resume_keeps_the_precision_it_started_in(tmp_path, make_image_folder, monkeypatch):
+    """Begun where "auto" meant fp32 and resumed where it means bf16 (another device): the runs go on in
+    fp32, with the records of an uninterrupted fp32 experiment."""
+    data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
+    argv = [*_argv(tmp_path / "whole", data), *CHEAP]
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert run_experiment.cli(argv) == 0
+    expected = _essentials(_records(tmp_path / "whole"))
+
+    argv = [*_argv(tmp_path / "stopped", data), *CHEAP]
+    exp_dir = _interrupted_after_first_epoch(argv, monkeypatch)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)  # "auto" now resolves to bf16
+    assert run_experiment.cli([*argv, "--resume"]) == 0
+    assert json.loads((exp_dir / "experiment_summary.json").read_text())["environment"]["precision"] == "fp32"
+    assert _essentials(_records(tmp_path / "stopped")) == expected
+
+
+def test_resume_refuses_a_precision_this_device_cannot_run(tmp_path, make_image_folder, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
+    argv = [*_argv(tmp_path, data), *CHEAP]
+    exp_dir = _interrupted_after_first_epoch(argv, monkeypatch)
+    summary_file = exp_dir / "experiment_summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["environment"]["precision"] = "fp16"  # as if begun on a GPU without native bf16
+    summary_file.write_text(json.dumps(summary))
+    before = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert run_experiment.cli([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trains in fp16, which cpu cannot run" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()} == before  # nothing touched

@@ -1,0 +1,51 @@
+"""The benchmarks' own plumbing, checked on the CPU so that CI catches what would crash them on a GPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import final
+from kd.data import load_image_data
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import scale  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_throughput_distillers_live_on_the_teachers_device():
+    """The plain side of bench/throughput.py moves every distiller to the teacher's device, FitNets'
+    regressor included; on the meta device (no memory, no CPU fallback) a step runs only if it did."""
+    meta = torch.device("meta")
+    teacher, student = throughput._models(10, meta)
+    state = throughput._models(10, torch.device("cpu"))[1].state_dict()
+    settings = final.default_config()["methods"]
+    images, labels = torch.randn(4, 3, 12, 12, device=meta), torch.zeros(4, dtype=torch.long, device=meta)
+    for distiller in throughput._distillers(state, teacher.eval(), 10, settings):
+        assert {p.device for p in distiller.parameters()} == {meta}, type(distiller).__name__
+        _, losses = distiller.forward_train(images, labels)
+        assert all(loss.device == meta for loss in losses.values())
+        distiller.close()
+
+
+def test_scale_images_and_subsets(tmp_path):
+    scale.make_images(tmp_path / "full", per_class=2)
+    scale.subset(tmp_path / "full", tmp_path / "half", per_class=1)
+    full = load_image_data(tmp_path / "full", scale.SIZE, num_workers=0)
+    half = load_image_data(tmp_path / "half", scale.SIZE, num_workers=0)
+    assert len(full.class_names) == scale.CLASSES == len(half.class_names)
+    assert full.counts == {"train": 200, "val": 200} and half.counts == {"train": 100, "val": 200}
+    assert full.splits["train"].images.shape[1:] == (3, 32, 32)
+    assert torch.equal(full.splits["train"].images[::2], half.splits["train"].images)  # the same first images
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
+def test_gpu_check_without_a_gpu_says_so():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
