@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from worker import run_worker  # noqa: E402
 
 BATCH = 32
 METHOD_NAMES = ("KD", "AT", "FitNets")
@@ -92,13 +93,13 @@ def _limited(data, images: int):
     return replace(data, splits={**data.splits, "train": subset})
 
 
-def run_project(data, size: int, steps: int, distill_images: int, device: torch.device) -> dict:
+def run_project(data, size: int, steps: int, distill_images: int, device: torch.device, precision: str) -> dict:
     import final
     from kd.baseline import Baseline
     from kd.hinton import KD
     from kd.runtime import Runtime, resolve_precision
     from kd.trainer import RunSpec, fit, fit_together
-    runtime = Runtime(device, resolve_precision("auto", device), channels_last=True)
+    runtime = Runtime(device, resolve_precision(precision, device), channels_last=True)
     classes = len(data.class_names)
     teacher, student = _models(classes, device)
     config = final.default_config()
@@ -136,8 +137,11 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     data = load_image_data(export_digits_demo(REPO / "data" / "digits"), args.size, hflip=False, num_workers=0)
-    run = run_plain if args.worker == "plain" else run_project
-    print(json.dumps(run(data, args.size, args.steps, args.distill_images, device)))
+    if args.worker == "plain":
+        result = run_plain(data, args.size, args.steps, args.distill_images, device)
+    else:
+        result = run_project(data, args.size, args.steps, args.distill_images, device, args.precision)
+    print(json.dumps(result))
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 2.0) -> float:
@@ -168,11 +172,8 @@ def _side(side: str, size: int, args: argparse.Namespace) -> dict:
     if side == "project":
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # what run_experiment.py sets for itself
     command = [sys.executable, __file__, "--worker", side, "--size", str(size), "--steps", str(args.steps),
-               "--distill-images", str(args.distill_images), "--device", args.device]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"{side} run at {size} px failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+               "--distill-images", str(args.distill_images), "--device", args.device, "--precision", args.precision]
+    return run_worker(command, env, f"{side} run at {size} px")
 
 
 def main() -> None:
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 timed steps and a 256-image distillation epoch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="12,32", help="image sizes; the first is the demo's (12 px)")
+    parser.add_argument("--precision", default="auto", help="the project side's precision (auto, fp32, bf16, fp16)")
     parser.add_argument("--worker", choices=["plain", "project"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)

@@ -7,7 +7,6 @@ Checkpoints hold only tensors and primitives: `{"model": state_dict, "meta": {..
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -60,10 +59,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_state(path: str | Path, state: dict) -> None:
-    """torch.save of tensors and primitives, atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    """torch.save of tensors and primitives, atomically; streamed into the file, so that no serialised
+    copy of the state is held in memory (a model with its optimizer state would be held twice)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: str | Path, fix: str = "delete it or pass --retrain-teacher to train a new one") -> dict:
