@@ -73,18 +73,18 @@ def evaluate(distiller: Distiller, data: ImageData, split: str, batch_size: int,
         probs.append(outputs["student"].float().softmax(dim=1))
         labels_seen.append(labels)
     classes = len(data.class_names)
-    share = (data.eval_indices(split), torch.cat(probs).cpu() if probs else torch.empty(0, classes),
-             torch.cat(labels_seen).cpu() if labels_seen else torch.empty(0, dtype=torch.long),
-             {name: int(count) for name, count in correct.items()})
+    share = {"indices": data.eval_indices(split), "correct": {name: int(count) for name, count in correct.items()},
+             "probs": torch.cat(probs).cpu() if probs else torch.empty(0, classes),
+             "labels": torch.cat(labels_seen).cpu() if labels_seen else torch.empty(0, dtype=torch.long)}
     # One collective, whatever each process holds: a process whose share is empty (a split with fewer
-    # images than processes) still answers, and knows the output names from the others.
+    # images than processes) still answers, and learns the output names from the others.
     shares = distributed.gather_objects(share)
     total = len(data.splits[split])
-    names = dict.fromkeys(name for *_, counts in shares for name in counts)
-    accuracies = {name: sum(counts.get(name, 0) for *_, counts in shares) / total for name in names}
-    order = torch.cat([indices for indices, *_ in shares]).argsort()  # back to the split's order
-    return Evaluation(accuracies, torch.cat([p for _, p, *_ in shares])[order],
-                      torch.cat([labels for _, _, labels, _ in shares])[order])
+    names = dict.fromkeys(name for part in shares for name in part["correct"])
+    accuracies = {name: sum(part["correct"].get(name, 0) for part in shares) / total for name in names}
+    order = torch.cat([part["indices"] for part in shares]).argsort()  # back to the split's order
+    return Evaluation(accuracies, torch.cat([part["probs"] for part in shares])[order],
+                      torch.cat([part["labels"] for part in shares])[order])
 
 
 @dataclass
