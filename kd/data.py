@@ -335,6 +335,9 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
         if fits or skip_bad_images or decode_all:
             images, samples, skipped = _decode_all(samples, size, skip_bad_images, f"decoding {name}", keep=fits)
             bad += skipped
+        if not samples:
+            raise UserError(f"no readable image left in '{root / name}' after skipping the unreadable ones: "
+                            "replace them")
         labels = torch.tensor([label for _, label in samples])
         splits[name] = Split(_DecodedFiles(samples, size), labels, images)
     if bad:

@@ -57,6 +57,10 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed image and batch sizes: pick the fastest kernels
     data = load_image_data(exp["data_dir"], exp["image_size"], exp["hflip"], exp["cache_max_gb"],
                            exp["num_workers"], exp["skip_bad_images"], decode_all)
+    processes = distributed.world_size()
+    if data.counts["train"] // processes < 2:  # BatchNorm trains on batches of at least 2 images
+        raise UserError(f"the train split has {data.counts['train']} image(s), too few for {processes} "
+                        "process(es): each needs at least 2; add images or start fewer processes")
     if data.keep_on(device):
         log.info("Decoded images kept on %s for the whole experiment", device)
     return Setup(config, data, resolve_stem(exp["stem"], data.image_size), runtime,
