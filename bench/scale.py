@@ -2,7 +2,7 @@
 in-memory path (decoded once into a uint8 tensor) and the streaming path (`cache_max_gb=0`: decoded from
 disk by DataLoader workers every epoch).
 
-    python bench/scale.py --quick     # 1k, 5k and 20k training images (~6 min on a 2-core CPU)
+    python bench/scale.py --quick     # 1k, 5k and 20k training images (~11 min on a 2-core CPU)
     python bench/scale.py             # 1k, 10k and 50k
 
 The images are made on the fly, no download: scikit-learn's 8x8 digits, enlarged to 32 px, in 100
