@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -232,10 +233,10 @@ def _finish_run(setup, records: list[dict], summary: dict, names: list[str], see
 
 
 if __name__ == "__main__":
-    from kd.launch import exit_code, with_malloc_tunables
-    if len(sys.argv) > 1:  # the flags live in run_experiment.py, which imports this file (not the reverse)
+    # `python final.py` is `python run_experiment.py` without flags: the command line lives there, and it
+    # imports this file for the dicts above (an exec, not an import, keeps the two free of a cycle)
+    if len(sys.argv) > 1:
         sys.stderr.write("error: final.py runs the dicts above as they are and takes no flags; "
                          f"use python run_experiment.py {' '.join(sys.argv[1:])}\n")
         sys.exit(2)
-    with_malloc_tunables()
-    sys.exit(exit_code(main))
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("run_experiment.py"))])

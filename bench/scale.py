@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from worker import run_worker  # noqa: E402
+from run_worker import run_worker  # noqa: E402
 
 CLASSES, SIZE, VAL_PER_CLASS, BATCH = 100, 32, 2, 32
 
@@ -110,7 +110,7 @@ def worker(root: Path, streaming: bool) -> dict:
 
 
 def measure(root: Path, streaming: bool) -> dict:
-    from kd.launch import MALLOC_TUNABLES
+    from run_experiment import MALLOC_TUNABLES
     env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "PYTHONPATH": str(REPO)}
     command = [sys.executable, __file__, "--worker", str(root)] + (["--streaming"] if streaming else [])
     return run_worker(command, env, f"measuring {root}")

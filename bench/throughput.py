@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from worker import run_worker  # noqa: E402
+from run_worker import run_worker  # noqa: E402
 
 BATCH = 32
 METHOD_NAMES = ("KD", "AT", "FitNets")
@@ -86,7 +86,7 @@ def _limited(data, images: int):
     """The same data with only `images` training images (a fixed subset), so one epoch is short."""
     from dataclasses import replace
 
-    from kd.data import Split
+    from kd.batches import Split
     train = data.splits["train"]
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:images]
     subset = Split(train.files, train.labels[keep], train.images[keep])
@@ -167,7 +167,7 @@ def train_flops_per_image(size: int) -> dict[str, float]:
 
 
 def _side(side: str, size: int, args: argparse.Namespace) -> dict:
-    from kd.launch import MALLOC_TUNABLES
+    from run_experiment import MALLOC_TUNABLES
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if side == "project":
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # what run_experiment.py sets for itself

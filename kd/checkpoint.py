@@ -58,10 +58,36 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write (a full disk): torch's writer
+    replaces it with a RuntimeError that no longer says what happened."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_state(path: str | Path, state: dict) -> None:
     """torch.save of tensors and primitives, atomically; streamed into the file, so that no serialised
     copy of the state is held in memory (a model with its optimizer state would be held twice)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    def write(handle: Any) -> None:
+        file = _WriteErrors(handle)
+        try:
+            torch.save(state, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None  # atomic_write turns it into one line naming the file
+    atomic_write(path, write)
 
 
 def load_state(path: str | Path, fix: str = "delete it or pass --retrain-teacher to train a new one") -> dict:

@@ -1,31 +1,28 @@
-"""Image-folder data: layout checks, decoding to RGB, an in-memory uint8 cache, batched augmentation.
+"""Image-folder data: layout checks, decoding to RGB, the in-memory uint8 cache, normalisation statistics
+and the digits demo.
 
 Images are decoded once (any PIL mode -> RGB, resized to a square `image_size`) and kept as one uint8
-tensor when they fit the memory budget; bigger sets stream through a DataLoader with workers. Both
-paths yield uint8 batches that are augmented in one go on the training device, and the order and
-augmentation of every epoch come from a generator seeded by (seed, epoch), so every method sees the
-same data in the same order.
+tensor when they fit the memory budget; bigger sets stream through a DataLoader with workers
+(kd/batches.py turns either into the epoch's batches).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from kd import distributed
+from kd.batches import ImageData, Split
 from kd.config import UserError
 
 log = logging.getLogger("kd")
@@ -145,35 +142,6 @@ class _DecodedFiles(torch.utils.data.Dataset):
         return decode(path, self.image_size), label
 
 
-@dataclass
-class Split:
-    """One split: either decoded in memory (`images` set) or streamed from `files`."""
-    files: _DecodedFiles
-    labels: torch.Tensor
-    images: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int, pin_memory: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 image batches and labels in the given order (`pin_memory`: streamed batches in page-locked
-        memory, so that their copy to a GPU need not wait)."""
-        if self.images is not None:
-            order = to_device(order, self.images.device)  # one copy per epoch, not one per batch
-            for start in range(0, len(order), batch_size):
-                index = order[start:start + batch_size]
-                yield self.images[index], self.labels[index]
-            return
-        loader = torch.utils.data.DataLoader(self.files, batch_size=batch_size, sampler=order.tolist(),
-                                             num_workers=num_workers, persistent_workers=False,
-                                             pin_memory=pin_memory)
-        try:
-            yield from loader
-        except UserError as err:  # re-raised from a worker with its traceback: keep the one-line message
-            raise UserError(str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
-
-
 def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool, desc: str, keep: bool = True
                 ) -> tuple[torch.Tensor | None, list[tuple[Path, int]], int]:
     """Decode every image once (kept in memory when `keep`), dropping unreadable ones if `skip_bad`.
@@ -195,116 +163,6 @@ def _decode_all(samples: list[tuple[Path, int]], image_size: int, skip_bad: bool
             images[len(kept)] = image
         kept.append((path, label))
     return (images[:len(kept)] if keep else None), kept, bad
-
-
-@dataclass
-class ImageData:
-    """Everything the trainer needs from a data set, the same for the teacher and every method."""
-    root: Path
-    class_names: list[str]
-    image_size: int
-    splits: dict[str, Split]
-    mean: list[float]
-    std: list[float]
-    hflip: bool
-    ignored_files: int
-    bad_images: int
-    fingerprint: str
-    num_workers: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    _normalization: dict = field(default_factory=dict, init=False, repr=False)  # device -> (mean, std)
-
-    def __post_init__(self) -> None:
-        self.counts = {name: len(split) for name, split in self.splits.items()}
-
-    def epoch_generator(self, seed: int, epoch: int) -> torch.Generator:
-        # One generator per (seed, epoch): the data order and augmentation do not depend on the method.
-        return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-    def keep_on(self, device: torch.device, budget: float = 0.25) -> bool:
-        """Move the decoded images to a GPU once when they take at most `budget` of its free memory, so
-        that batches are cut and augmented there with no copy per step. Returns whether they moved."""
-        splits = self.splits.values()
-        if device.type != "cuda" or any(split.images is None for split in splits):
-            return False
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        if sum(split.images.numel() for split in splits) > budget * free_bytes:
-            return False
-        for split in splits:
-            split.images, split.labels = split.images.to(device), split.labels.to(device)
-        return True
-
-    def epoch_images(self, batch_size: int) -> int:
-        """Training images one process sees per epoch: its shard of the split (all of it when alone), less
-        a last image that would make a batch of one, on which BatchNorm cannot train. The lr schedule,
-        the progress bar and `train_batches` all count from here, so they agree for every size."""
-        shard = self.counts["train"] // distributed.world_size()
-        return shard - 1 if shard % batch_size == 1 and shard > 1 else shard
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.epoch_images(batch_size) / batch_size)
-
-    def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
-                      channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = self.epoch_generator(seed, epoch)
-        train = self.splits["train"]
-        order = torch.randperm(len(train), generator=generator)
-        world, rank = distributed.world_size(), distributed.rank()
-        if world > 1:  # each process its own shard, all of the same length so that they step together
-            order = order[:len(train) // world * world][rank::world]
-            generator = self.epoch_generator(seed * world + rank, epoch + 1_000)
-        order = order[:self.epoch_images(batch_size)]
-        for images, labels in train.batches(order, batch_size, self.num_workers, pin_memory=device.type == "cuda"):
-            images = self.augment(to_device(images, device), generator)
-            yield self.normalize(images, channels_last), to_device(labels, device)
-
-    def eval_indices(self, split: str) -> torch.Tensor:
-        """This process's share of a split for evaluation (the whole split when it is alone; empty when
-        the split has fewer images than there are processes)."""
-        return torch.arange(len(self.splits[split]))[distributed.rank()::distributed.world_size()]
-
-    def eval_batches(self, split: str, batch_size: int, device: torch.device, channels_last: bool
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        data = self.splits[split]
-        for images, labels in data.batches(self.eval_indices(split), batch_size, self.num_workers,
-                                           pin_memory=device.type == "cuda"):
-            yield self.normalize(to_device(images, device), channels_last), to_device(labels, device)
-
-    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding (S/8 pixels) and optional horizontal flip, for a whole batch.
-
-        The random numbers come from the CPU generator (the same on every device), and reach a GPU
-        by an asynchronous copy.
-        """
-        n, _, size, _ = images.shape
-        pad = max(1, size // 8)
-        padded = F.pad(images, (pad, pad, pad, pad))
-        offsets = to_device(torch.randint(0, 2 * pad + 1, (2, n), generator=generator), images.device)
-        span = torch.arange(size, device=images.device)
-        rows = (offsets[0][:, None] + span)[:, :, None]
-        cols = (offsets[1][:, None] + span)[:, None, :]
-        batch = torch.arange(n, device=images.device)[:, None, None]
-        crops = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-        if self.hflip:
-            flip = to_device(torch.rand(n, generator=generator) < 0.5, images.device)
-            crops = torch.where(flip[:, None, None, None], crops.flip(3), crops)
-        return crops
-
-    def normalize(self, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        if images.device not in self._normalization:  # made once per device, not copied there every batch
-            self._normalization[images.device] = (torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1),
-                                                  torch.tensor(self.std, device=images.device).view(1, 3, 1, 1))
-        mean, std = self._normalization[images.device]
-        out = (images.float() / 255.0 - mean) / std
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device`; a host tensor goes to a GPU through page-locked memory without blocking, so
-    the host can queue the next kernels instead of waiting for the GPU to drain."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _fingerprint(root: Path, splits: dict[str, SplitFiles]) -> str:
@@ -350,15 +208,18 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
                      _fingerprint(root, files), num_workers if not fits else 0)
 
 
-def _channel_stats(train: Split, max_streamed: int = 2000, chunk: int = 256) -> tuple[list[float], list[float]]:
+def _channel_stats(train: Split, max_streamed: int = 2000, chunk_values: int = 2**22
+                   ) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the training images: all of them when decoded in memory, an even sample
     of about `max_streamed` across the split when streamed (decoding them all would take a pass).
 
     The split is listed class by class, so a sample must span all of it, never its first images. Sums
-    run in float64 over chunks, so memory stays small whatever the number and size of the images.
+    run in float64 over chunks of about `chunk_values` pixel values (32 MB), whatever the image size.
     """
     step = 1 if train.images is not None else max(1, len(train) // max_streamed)
     picked = range(0, len(train), step)
+    size = train.images.shape[-1] if train.images is not None else train.files[0][0].shape[-1]
+    chunk = max(1, chunk_values // (3 * size * size))
     total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for start in range(0, len(picked), chunk):
         index = picked[start:start + chunk]

@@ -10,15 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd import METHODS
+from kd import METHODS, distributed
+from kd.config import UserError
 from kd.experiment import Setup, method_groups
 from kd.runtime import Runtime
 from models import build_resnet
 
 
-def _seconds_per_call(call: Callable[[], None], runtime: Runtime, repeats: int = 2) -> float:
-    call()  # warm-up: kernel selection (cudnn.benchmark), allocator, caches
+def seconds_per_call(call: Callable[[], None], runtime: Runtime) -> float:
+    """One untimed warm-up call (kernel selection, caches), then the mean of three timed calls (of one when
+    a call takes over a second: the estimate must not take minutes on a slow CPU)."""
+    started = time.perf_counter()
+    call()
     runtime.synchronize()
+    repeats = 1 if time.perf_counter() - started > 1.0 else 3
     started = time.perf_counter()
     for _ in range(repeats):
         call()
@@ -26,54 +31,67 @@ def _seconds_per_call(call: Callable[[], None], runtime: Runtime, repeats: int =
     return (time.perf_counter() - started) / repeats
 
 
-def _step_costs(model: nn.Module, batch_size: int, setup: Setup) -> tuple[float, float]:
-    """Seconds of one SGD training step and of one no-grad forward pass, at `batch_size`."""
-    runtime, size = setup.runtime, setup.data.image_size
-    model = runtime.place(model)
-    images = torch.randn(batch_size, 3, size, size, device=runtime.device)
+def random_batch(batch_size: int, image_size: int, classes: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(batch_size, 3, image_size, image_size, device=runtime.device)
     if runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, len(setup.data.class_names), (batch_size,), device=runtime.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    return images, torch.randint(0, classes, (batch_size,), device=runtime.device)
+
+
+def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime
+                  ) -> Callable[[], None]:
+    """One SGD step of `model` on a fixed batch, taken as the trainer takes it (autocast, fp16 scaler)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
 
-    def train_step() -> None:
+    def step() -> None:
+        model.train()
         with runtime.autocast():
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
 
+
+def forward_pass(model: nn.Module, images: torch.Tensor, runtime: Runtime) -> Callable[[], None]:
     @torch.no_grad()
     def forward() -> None:
+        model.eval()
         with runtime.autocast():
             model(images)
-
-    model.train()
-    train = _seconds_per_call(train_step, runtime)
-    model.eval()
-    return train, _seconds_per_call(forward, runtime)
+    return forward
 
 
 def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
     """Estimated seconds of the teacher's training (0 when a saved one is reused) and of all student runs.
 
     A method's step counts one student step (DML: one per peer); methods trained together share one
-    teacher forward per batch; every epoch adds a forward pass over the val split. Extra modules
-    (regressors, exit heads) are small and not counted.
+    teacher forward per batch; every epoch adds a forward pass over this process's share of the val
+    split. Extra modules (regressors, exit heads) are small and not counted.
     """
-    config, data = setup.config, setup.data
-    classes = len(data.class_names)
+    config, data, runtime = setup.config, setup.data, setup.runtime
     teacher_cfg, student_cfg = config["teacher"], config["student"]
-    teacher = build_resnet(teacher_cfg["model"], classes, setup.stem)
-    teacher_train, _ = _step_costs(teacher, teacher_cfg["batch_size"], setup) if train_teacher else (0.0, 0.0)
-    _, teacher_forward = _step_costs(teacher, student_cfg["batch_size"], setup)
-    student_train, student_forward = _step_costs(build_resnet(student_cfg["model"], classes, setup.stem),
-                                                 student_cfg["batch_size"], setup)
+    classes = len(data.class_names)
+
+    def batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_batch(cfg["batch_size"], data.image_size, classes, runtime)
+
+    try:
+        teacher = runtime.place(build_resnet(teacher_cfg["model"], classes, setup.stem))
+        student = runtime.place(build_resnet(student_cfg["model"], classes, setup.stem))
+        teacher_train = (seconds_per_call(training_step(teacher, *batch(teacher_cfg), runtime), runtime)
+                         if train_teacher else 0.0)
+        teacher_forward = seconds_per_call(forward_pass(teacher, batch(student_cfg)[0], runtime), runtime)
+        student_train = seconds_per_call(training_step(student, *batch(student_cfg), runtime), runtime)
+        student_forward = seconds_per_call(forward_pass(student, batch(student_cfg)[0], runtime), runtime)
+    except torch.OutOfMemoryError:
+        raise UserError(f"{runtime.device} ran out of memory timing a training step for the estimate: try a "
+                        f"smaller --batch-size (now {student_cfg['batch_size']})") from None
 
     def epochs_cost(cfg: dict, step: float, forward: float) -> float:
-        val_batches = math.ceil(data.counts["val"] / cfg["batch_size"])
+        val_batches = math.ceil(data.counts["val"] / distributed.world_size() / cfg["batch_size"])
         return cfg["epochs"] * (data.steps_per_epoch(cfg["batch_size"]) * step + val_batches * forward)
 
     exp = config["experiment"]
@@ -88,8 +106,8 @@ def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
 
 def describe_estimate(seconds: dict[str, float], setup: Setup) -> str:
     def minutes(value: float) -> str:
-        return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
+        return f"{value / 60:.1f} min" if value >= 60 else f"{value:.1f} s"
     teacher = minutes(seconds["teacher"]) if seconds["teacher"] else "reused"
     return (f"estimated time: ~{minutes(seconds['teacher'] + seconds['students'])} (teacher {teacher}, "
             f"students {minutes(seconds['students'])}), from timed training steps on {setup.runtime.device} "
-            f"({setup.runtime.precision}); a rough guide, within a factor of about 2")
+            f"({setup.runtime.precision}); a rough guide")

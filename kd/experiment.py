@@ -12,7 +12,8 @@ from kd import METHODS, distributed
 from kd.baseline import Baseline
 from kd.checkpoint import load_checkpoint
 from kd.config import UserError
-from kd.data import ImageData, load_image_data
+from kd.batches import ImageData
+from kd.data import load_image_data
 from kd.metrics import model_cost, prediction_metrics
 from kd.runtime import Runtime, resolve_device, resolve_precision
 from kd.trainer import Evaluation, RunFailed, RunSpec, evaluate, fit, fit_together

@@ -1,5 +1,5 @@
-"""How a process of this project starts and ends: the malloc settings it re-executes itself with, and
-the exit code (and one-line message) each outcome gives, also inside a torchrun job."""
+"""How a run of this project ends: the exit code (and one-line message) each outcome gives, also inside
+a torchrun job."""
 from __future__ import annotations
 
 import os
@@ -7,28 +7,19 @@ import sys
 import traceback
 from typing import Callable
 
+import torch.distributed as dist
+
 from kd import distributed
 from kd.config import UserError
 
-# glibc's malloc returns freed memory to the system eagerly and serves big blocks with mmap, so every
-# training step pays page faults for its activations again; keeping the memory around is 1.6-1.8x faster
-# for ResNet50 training on a 2-core CPU (bench/RESULTS.md). Set GLIBC_TUNABLES yourself (even empty) to
-# opt out.
-MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296:"
-                   "glibc.malloc.top_pad=268435456")
+# How gloo reports a collective whose peer process has gone (nccl's collectives wait instead, until
+# torchrun stops them).
+PEER_GONE = ("closed by peer", "reset by peer", "connection closed", "broken pipe")
 
 
-def with_malloc_tunables() -> None:
-    """Re-execute this process with MALLOC_TUNABLES, once, where glibc reads them (Linux)."""
-    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
-
-
-def _raised_by_a_collective(err: BaseException) -> bool:
-    """Whether `err` came out of torch.distributed: in a job, that means another process went away."""
-    frames = traceback.extract_tb(err.__traceback__)
-    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename or
-               frame.filename.endswith(os.path.join("nn", "parallel", "distributed.py")) for frame in frames)
+def _peer_went_away(err: BaseException) -> bool:
+    """Whether `err` only says that another process of the job stopped (which has printed why)."""
+    return isinstance(err, dist.DistNetworkError) or any(words in str(err).lower() for words in PEER_GONE)
 
 
 def _stop(code: int, message: str) -> int:
@@ -55,7 +46,7 @@ def exit_code(work: Callable[[], list[dict]]) -> int:
     except Exception as err:
         if not distributed.launched():
             raise
-        if _raised_by_a_collective(err):  # a consequence: the process that failed has printed why
+        if _peer_went_away(err):  # a consequence: the process that failed has printed why
             return _stop(1, f"error: process {distributed.rank()} stopped: another process of this job failed")
         traceback.print_exc()
         return _stop(1, "")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kd.config import UserError
 from kd.report import read_experiment
-from kd.runtime import Runtime, check_precision
+from kd.runtime import Runtime, trains_well_in
 
 log = logging.getLogger("kd")
 
@@ -52,15 +52,14 @@ def first_difference(stored: dict, current: dict, path: str = "") -> str | None:
 def kept_precision(runtime: Runtime, started_in: str, exp_dir: Path) -> Runtime:
     """The runtime to continue an experiment with: the precision it started in, also where "auto" now
     resolves to another one (another device), since a run must not change precision halfway through.
-    A device that cannot train in that precision is refused."""
+    A device that cannot train in that precision, or only emulates it (bf16 without native support), is
+    refused."""
     if started_in == runtime.precision:
         return runtime
-    try:
-        check_precision(started_in, runtime.device)
-    except UserError:
-        raise UserError(f"cannot resume {exp_dir}: it trains in {started_in}, which {runtime.device} cannot run; "
-                        "resume it on a device like the one it started on (a CUDA GPU), or start a new "
-                        "experiment") from None
+    if not trains_well_in(started_in, runtime.device):
+        raise UserError(f"cannot resume {exp_dir}: it trains in {started_in}, which {runtime.device} cannot run "
+                        "(or only emulates); resume it on a device like the one it started on, or start a new "
+                        "experiment")
     log.info("Resuming in %s, the precision this experiment started in (auto would pick %s on %s)",
              started_in, runtime.precision, runtime.device)
     return dataclasses.replace(runtime, precision=started_in)

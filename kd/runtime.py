@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,11 @@ log = logging.getLogger("kd")
 # Ampere (compute capability 8.0) and newer GPUs compute bf16 natively; older ones (V100, T4) only emulate
 # it, slowly, and `torch.cuda.is_bf16_supported()` counts that emulation as support.
 NATIVE_BF16_CAPABILITY = (8, 0)
+
+# CPU features that compute bf16 in hardware: x86's AVX512-BF16 and AMX, Arm's BF16 extension. Without
+# them oneDNN emulates bf16 (measured slower than fp32 on AVX-512 and AVX2 CPUs, see bench/RESULTS.md), and
+# `torch.ops.mkldnn._is_mkldnn_bf16_supported()` counts that emulation as support.
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class Runtime:
         module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -52,13 +58,14 @@ class Stopwatch:
     """Adds up the seconds between `start()` and `stop()` calls.
 
     On a GPU a host clock would time the queuing of kernels, not their work, so the stopwatch records
-    CUDA events on the device's own timeline instead, and reads them only in `seconds()`: timing never
-    makes the host wait for the GPU in the middle of an epoch.
+    CUDA events on the device's own timeline instead, and reads them without waiting: spans whose end
+    the GPU has passed are added up as it goes (so events do not pile up over a long epoch), the rest in
+    `seconds()`, which waits for them.
     """
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.spans: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self.total = 0.0
         self.began: float | torch.cuda.Event = 0.0
 
@@ -76,15 +83,19 @@ class Stopwatch:
         end = self._mark()
         if self.stream is None:
             self.total += end - self.began
-        else:
-            self.spans.append((self.began, end))
+            return
+        self.spans.append((self.began, end))
+        self._add_finished(wait=False)
+
+    def _add_finished(self, wait: bool) -> None:
+        while self.spans and (wait or self.spans[0][1].query()):
+            began, end = self.spans.popleft()
+            end.synchronize()
+            self.total += began.elapsed_time(end) / 1000.0
 
     def seconds(self) -> float:
         """The summed time so far (on a GPU this waits for the last recorded event)."""
-        for began, end in self.spans:
-            end.synchronize()
-            self.total += began.elapsed_time(end) / 1000.0
-        self.spans.clear()
+        self._add_finished(wait=True)
         return self.total
 
 
@@ -104,12 +115,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not mps_ok:
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
     return torch.device(name)
-
-
-# CPU features that compute bf16 in hardware: x86's AVX512-BF16 and AMX, Arm's BF16 extension. Without
-# them oneDNN emulates bf16 (measured slower than fp32 on AVX-512 and AVX2 CPUs, see bench/RESULTS.md), and
-# `torch.ops.mkldnn._is_mkldnn_bf16_supported()` counts that emulation as support.
-CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def cpu_flags() -> set[str]:
@@ -135,6 +140,18 @@ def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision the device cannot train in."""
     if precision == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 needs a GPU; on the CPU use --precision bf16, fp32 or auto")
+
+
+def trains_well_in(precision: str, device: torch.device) -> bool:
+    """Whether `device` trains in `precision` at its proper speed: fp32 anywhere, fp16 on a GPU, bf16 where
+    it is native."""
+    if precision == "bf16":
+        return native_bf16(device)
+    try:
+        check_precision(precision, device)
+    except UserError:
+        return False
+    return True
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

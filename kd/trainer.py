@@ -23,7 +23,7 @@ from kd import distributed
 from kd.base import Distiller
 from kd.checkpoint import load_state, save_checkpoint, save_state
 from kd.config import UserError
-from kd.data import ImageData
+from kd.batches import ImageData
 from kd.runtime import Runtime
 
 log = logging.getLogger("kd")

@@ -11,8 +11,9 @@ from PIL import Image
 
 from kd import distributed
 from kd.config import UserError
-from kd.data import (AUTO_SIZE_RANGE, ImageData, Split, _channel_stats, auto_image_size, decode, export_digits_demo,
-                     load_image_data, load_rgb, scan_dataset)
+from kd.batches import ImageData, Split
+from kd.data import (AUTO_SIZE_RANGE, _channel_stats, auto_image_size, decode, export_digits_demo, load_image_data,
+                     load_rgb, scan_dataset)
 from kd.trainer import tensor_digest
 
 CPU = torch.device("cpu")

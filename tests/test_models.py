@@ -150,6 +150,41 @@ def test_failing_write_keeps_the_old_file(tmp_path):
     assert load_checkpoint(path)["meta"] == {"epoch": 1}
 
 
+def test_disk_full_while_a_checkpoint_streams_is_one_line(tmp_path, monkeypatch):
+    """torch.save writes straight into the file; a full disk in the middle must still give the one-line
+    error (torch's writer would report it as a RuntimeError) and leave the old file intact."""
+    from kd import checkpoint
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, build_resnet("ResNet18", 3, "cifar"), META)
+    old = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FillsUp:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100_000:
+                raise OSError(28, "No space left on device")
+            return self.handle.write(data)
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(UserError) as info:
+        save_checkpoint(path, build_resnet("ResNet18", 3, "cifar"), META)
+    assert str(path) in str(info.value) and "No space left" in str(info.value)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["model.pth"]
+
+
 def test_load_truncated_checkpoint_names_the_file(tmp_path):
     path = tmp_path / "teacher_best.pth"
     save_checkpoint(path, build_resnet("ResNet18", 3, "cifar"), META)

@@ -184,18 +184,33 @@ def test_resume_keeps_the_precision_it_started_in(tmp_path, make_image_folder, m
     assert _essentials(_records(tmp_path / "stopped")) == expected
 
 
+def _refused(argv: list[str], exp_dir: Path, capsys, untouched: bool = True) -> str:
+    """Resume, expecting exit 2 with one line (and every file of the experiment untouched); the line."""
+    before = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_experiment.cli([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert not untouched or {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()} == before
+    return errors[0]
+
+
 def test_resume_refuses_a_precision_this_device_cannot_run(tmp_path, make_image_folder, monkeypatch, capsys):
     data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
     argv = [*_argv(tmp_path, data), *CHEAP]
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)  # begun where auto meant bf16
     exp_dir = _interrupted_after_first_epoch(argv, monkeypatch)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)  # resumed where bf16 is emulated
+    assert "trains in bf16, which cpu cannot run (or only emulates)" in _refused(argv, exp_dir, capsys)
+
     summary_file = exp_dir / "experiment_summary.json"
     summary = json.loads(summary_file.read_text())
     summary["environment"]["precision"] = "fp16"  # as if begun on a GPU without native bf16
     summary_file.write_text(json.dumps(summary))
-    before = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
-    capsys.readouterr()
+    assert "trains in fp16, which cpu cannot run" in _refused(argv, exp_dir, capsys)
 
-    assert run_experiment.cli([*argv, "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "trains in fp16, which cpu cannot run" in err and err.count("\n") == 1
-    assert {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()} == before  # nothing touched
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    summary["environment"]["precision"] = "fp32"  # the summary disagrees with the run's own saved state,
+    summary_file.write_text(json.dumps(summary))  # which is checked when the run is restored (the log has grown)
+    assert "was trained in bf16, this run is set up for fp32" in _refused(argv, exp_dir, capsys, untouched=False)

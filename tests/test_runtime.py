@@ -1,6 +1,8 @@
 """Device and precision decisions, and evaluation that scores the saved checkpoint whatever the precision."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -38,6 +40,7 @@ def test_auto_precision_on_a_cpu_counts_native_bf16_only(monkeypatch, flags, exp
 
 
 def test_explicit_precisions_and_emulated_bf16_warning(monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("kd"), "propagate", True)  # final.main turns it off for its console
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
@@ -58,10 +61,56 @@ def test_evaluation_scores_the_checkpoint_in_float32(tmp_path, make_image_folder
 
     plain = build_resnet("ResNet18", 3, "cifar")
     plain.load_state_dict(load_checkpoint(tmp_path / "ckpt" / "Baseline_best.pth")["model"])
-    fp32 = evaluate(Baseline(plain), data, "val", 8, Runtime(torch.device("cpu"), "fp32", channels_last=False))
+    fp32_runtime = Runtime(torch.device("cpu"), "fp32", channels_last=True)  # the same kernels as in training
+    fp32 = evaluate(Baseline(fp32_runtime.place(plain)), data, "val", 8, fp32_runtime)
     assert best_val.probs.dtype == torch.float32
     assert torch.allclose(best_val.probs, fp32.probs, rtol=0, atol=1e-5)
     assert result["best_accuracy"] == fp32.accuracies["student"]
     recorded, reloaded = (prediction_metrics(e.probs, e.labels, None) for e in (best_val, fp32))
     assert recorded["nll"] == pytest.approx(reloaded["nll"], rel=1e-5)
     assert recorded["ece"] == pytest.approx(reloaded["ece"], abs=1e-5)
+
+
+class _LoggedStopwatch(runtime.Stopwatch):
+    def __init__(self, log: list[str]):
+        super().__init__(torch.device("cpu"))
+        self.log = log
+
+    def start(self) -> None:
+        self.log.append("start")
+        super().start()
+
+    def stop(self) -> None:
+        self.log.append("stop")
+        super().stop()
+
+    def seconds(self) -> float:
+        self.log.append("read")
+        return super().seconds()
+
+
+class _LoggedRuntime(Runtime):
+    """The CPU runtime, writing its device synchronisations and stopwatch uses to one list."""
+
+    def __init__(self, log: list[str]):
+        super().__init__(torch.device("cpu"), "fp32", channels_last=False)
+        object.__setattr__(self, "log", log)  # a frozen dataclass
+
+    def synchronize(self) -> None:
+        self.log.append("sync")
+
+    def stopwatch(self) -> runtime.Stopwatch:
+        return _LoggedStopwatch(self.log)
+
+
+def test_epoch_timing_waits_for_the_device_at_its_boundaries(tmp_path, make_image_folder):
+    """Each run's steps are timed by its stopwatch, and the epoch's clock starts and stops on an idle
+    device: on a GPU, earlier work stays out of the epoch and its last step is in it."""
+    root = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 2})
+    data = load_image_data(root, 8, hflip=False, num_workers=0)
+    log: list[str] = []
+    cfg = final.create_student_config(epochs=1, batch_size=8)
+    spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline", {})
+    fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec, _LoggedRuntime(log))
+    epoch = log[:log.index("read") + 1]
+    assert epoch == ["sync"] + ["start", "stop"] * 3 + ["sync", "read"]  # 24 images, batch 8: 3 steps
