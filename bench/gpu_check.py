@@ -163,11 +163,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kd_gpu_check_"))
     check = Check(work, args.out)
     started = time.perf_counter()
-    for name in args.steps.split(","):
+    for step in args.steps.split(","):
         if check.left() < 10:  # the check promises minutes: report what it left out
-            check.row(name, False, f"skipped: past the {BUDGET_S} s budget")
+            check.row(step, False, f"skipped: past the {BUDGET_S} s budget")
             continue
-        STEPS[name](check)
+        STEPS[step](check)
     table = "\n".join(["| step | result | details |", "|---|---|---|",
                        *(f"| {step} | {result} | {detail} |" for step, result, detail in check.rows)])
     section = (f"\n## GPU check: {name} (compute capability {capability}), torch {torch.__version__} — "
