@@ -51,7 +51,7 @@ STUDENT_CONFIG = {
     "zero_init_residual": False,
 }
 
-# Each method's loss settings; defaults from the papers / reference code (see README and METHOD_SPEC).
+# Each method's loss settings; defaults from the papers / reference code (see README, "Methods").
 METHODS_CONFIG = {
     "Baseline": {},
     "KD": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},

@@ -9,7 +9,7 @@ from kd.base import Distiller
 from kd.hinton import kd_loss
 from models import stage_channels
 
-# The paper's second stage is plain KD; METHOD_SPEC fixes its settings.
+# The paper's second stage is plain KD, with the settings README's "Methods" gives for FitNets.
 STAGE2_TEMPERATURE, STAGE2_CE_WEIGHT, STAGE2_KD_WEIGHT = 4.0, 0.1, 0.9
 
 

@@ -1,7 +1,7 @@
 """The pure loss functions of every method, checked against values computed independently here.
 
 Reference values are written out with plain torch ops (exp / log / sum) or worked by hand; the function
-under test is never used to produce its own expected value. See /work/shared/METHOD_SPEC.md.
+under test is never used to produce its own expected value. README's "Methods" section states each loss.
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ class TestDMLLoss:
 
 # ----------------------------------------------------------------------------- BYOT
 def byot_ref(exit_logits, exit_feats, targets, alpha, temperature, feat_weight):
-    """The METHOD_SPEC formula, written out term by term."""
+    """The formula README states, written out term by term."""
     *shallow, deepest = exit_logits
     *shallow_f, deepest_f = exit_feats
     ce = sum(ce_ref(z, targets) for z in exit_logits)
