@@ -45,7 +45,7 @@ class Setup:
     def cost(self, arch: str, model: torch.nn.Module) -> dict:
         """Params, FLOPs and latency of an architecture, measured once per experiment."""
         if arch not in self._costs:
-            self._costs[arch] = model_cost(model, self.data.image_size, self.runtime.device, self.runtime.autocast)
+            self._costs[arch] = model_cost(model, self.data.image_size, self.runtime)
         return self._costs[arch]
 
 

@@ -13,6 +13,8 @@ import torch.utils.flop_counter
 from scipy import stats
 from sklearn.metrics import confusion_matrix, log_loss
 
+from kd.runtime import Runtime
+
 ECE_BINS = 15
 
 
@@ -106,23 +108,22 @@ def forward_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def model_cost(model: torch.nn.Module, image_size: int, device: torch.device, autocast, runs: int = 20) -> dict:
-    """Parameters, FLOPs of one image's forward pass, and median batch-1 inference latency (ms)."""
+def model_cost(model: torch.nn.Module, image_size: int, runtime: Runtime, runs: int = 20) -> dict:
+    """Parameters, FLOPs of one image's forward pass, and median batch-1 inference latency (ms) on the
+    runtime's device and precision."""
     was_training = model.training
     model.eval()
-    image = torch.randn(1, 3, image_size, image_size, device=device)
+    image = torch.randn(1, 3, image_size, image_size, device=runtime.device)
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
         image = image.contiguous(memory_format=torch.channels_last)
     flops = forward_flops(model, image)
     timings = []
-    with autocast():
+    with runtime.autocast():
         for i in range(runs + 3):  # the first runs warm up caches and kernels
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            runtime.synchronize()
             started = time.perf_counter()
             model(image)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            runtime.synchronize()
             if i >= 3:
                 timings.append((time.perf_counter() - started) * 1000.0)
     model.train(was_training)
