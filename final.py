@@ -1,4 +1,4 @@
-"""Knowledge-distillation comparison: a ResNet50 teacher, then ResNet18 students with each method.
+"""Knowledge-distillation comparison: a teacher (ResNet50 by default), then students (ResNet18) with each method.
 
 Edit the dicts below (or override any key from the command line: `--set student.lr=0.05`), then run
 `python final.py` or `python run_experiment.py`. `main(config)` can also be imported and called.
@@ -13,18 +13,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from kd import METHODS, distributed
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
 from kd.estimate import describe_estimate, estimate_seconds
-from kd.experiment import describe_plan, method_groups, obtain_teacher, prepare, reusable_teacher, run_methods
-from kd.resume import first_difference, kept_precision
+from kd.experiment import describe_plan, method_groups, prepare, run_methods
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
-from models import build_resnet
+from kd.resume import first_difference, kept_precision
+from kd.teacher import obtain_teacher, reusable_teacher
+from models import ModelError, resolve_name
 
 TEACHER_CONFIG = {
-    "model": "ResNet50",
+    "model": "ResNet50",        # any torchvision model (resnet50, convnext_tiny ...) or timm/<name>; see README
+    "weights": None,            # None: from scratch; "DEFAULT"/"IMAGENET1K_V2"...; True (timm); or a file path
+    "checkpoint": None,         # your own teacher (a checkpoint or state_dict); with epochs 0 used as it is
     "epochs": 100,
     "lr": 0.1,
     "batch_size": 32,
@@ -39,6 +40,7 @@ TEACHER_CONFIG = {
 
 STUDENT_CONFIG = {
     "model": "ResNet18",
+    "weights": None,
     "epochs": 50,
     "lr": 0.01,
     "batch_size": 32,
@@ -51,12 +53,14 @@ STUDENT_CONFIG = {
     "zero_init_residual": False,
 }
 
-# Each method's loss settings; defaults from the papers / reference code (see README, "Methods").
+# Each method's loss settings; defaults from the papers / reference code (see README, "Methods"). An entry
+# may also set any STUDENT_CONFIG key (model, epochs, lr ...): that method then trains its own student,
+# outside the common protocol (reported as such, without a p-value).
 METHODS_CONFIG = {
     "Baseline": {},
     "KD": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
     "AT": {"p": 2.0, "ce_weight": 1.0, "beta": 1000.0},
-    "FitNets": {"hint_layer": "layer2", "ce_weight": 1.0, "beta": 100.0, "two_stage": False,
+    "FitNets": {"hint_layer": 2, "ce_weight": 1.0, "beta": 100.0, "two_stage": False,
                 "hint_epochs": None},  # None: 10% of the epochs (at least 1) when two_stage is on
     "DML": {"num_peers": 2, "kl_weight": 1.0, "temperature": 1.0},
     "BYOT": {"alpha": 0.1, "temperature": 3.0, "feat_weight": 1e-6},
@@ -147,6 +151,13 @@ def validate_config(config: dict) -> dict:
                for section in ("teacher", "student", "experiment")}
     checked["methods"] = validate_methods(config["methods"], METHODS)
     checked["experiment"]["methods"] = resolve_method_names(checked["experiment"]["methods"], METHODS)
+    models = [checked["teacher"]["model"], checked["student"]["model"],
+              *(settings["model"] for settings in checked["methods"].values() if "model" in settings)]
+    for name in models:
+        try:
+            resolve_name(name)
+        except ModelError as err:
+            raise UserError(str(err)) from None
     return checked
 
 
@@ -179,6 +190,7 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
             print(describe_estimate(estimate_seconds(setup, train_teacher=saved_teacher is None), setup))
         print("check passed: data and config are valid; nothing was trained")
         return []
+    setup.planned()
     if resume is None:
         exp_dir, setup.stamp = create_experiment_dir(setup.logs)
         records, summary = [], experiment_summary(setup, exp_dir)
@@ -195,14 +207,11 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
                                   "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
         _finish_run(setup, records, summary, ["Teacher"], records[0]["seed"], started)
         for seed in exp["seeds"]:
-            torch.manual_seed(seed)
-            init_state = build_resnet(config["student"]["model"], len(setup.data.class_names), setup.stem,
-                                      config["student"]["zero_init_residual"]).state_dict()
-            for group in method_groups(exp["methods"], exp["share_teacher"]):
+            for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
                 # runs finished before an interruption are kept
                 group = [m for m in group if not any(r["method"] == m and r["seed"] == seed for r in records)]
                 if group:
-                    records.extend(run_methods(group, seed, setup, teacher, init_state))
+                    records.extend(run_methods(group, seed, setup, teacher))
                     _finish_run(setup, records, summary, group, seed, started)
     except KeyboardInterrupt:
         log.error("Interrupted. Finished runs are saved; continue with: python run_experiment.py --resume %s",

@@ -28,8 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train a ResNet50 teacher, then ResNet18 students with Baseline, KD, AT, "
-                            "FitNets, DML and BYOT under the same conditions, and compare them.",
+    p = _Parser(description="Train (or load) a teacher, then students with Baseline, KD, AT, FitNets, DML and "
+                            "BYOT under the same conditions, and compare them. Any torchvision or timm model.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true",
                    help="run on scikit-learn's bundled digits (exported to data/digits/), with a quick preset")
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", metavar="EXPERIMENT_DIR",
                    help="continue the latest unfinished experiment (or the one named): finished runs are kept, "
                         "an interrupted run goes on from its last epoch")
+    p.add_argument("--teacher-checkpoint", metavar="PATH",
+                   help="your own teacher: a checkpoint of this project or a state_dict of teacher.model; with "
+                        "--teacher-epochs 0 it is used as it is, else fine-tuned")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train a new teacher even if checkpoints/teachers/ holds one that fits")
     p.add_argument("--no-share-teacher", action="store_true",
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
              ("experiment", "methods"): args.methods and [m for m in args.methods.split(",") if m.strip()],
              ("experiment", "seeds"): args.seeds and _int_list(args.seeds, "--seeds"),
              ("teacher", "epochs"): args.teacher_epochs, ("student", "epochs"): args.student_epochs,
+             ("teacher", "checkpoint"): args.teacher_checkpoint,
              ("teacher", "batch_size"): args.batch_size, ("student", "batch_size"): args.batch_size,
              ("experiment", "device"): args.device, ("experiment", "precision"): args.precision,
              ("experiment", "logs_dir"): args.logs_dir, ("experiment", "checkpoints_dir"): args.checkpoints_dir,

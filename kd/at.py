@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.base import Distiller
-from models import STAGES
+from models import find_stages, pair_stages
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -29,20 +29,26 @@ def at_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
 
 
 class AT(Distiller):
+    """Attention transfer at every stage pair (stage k with stage k; by stride when the counts differ)."""
     needs_teacher = True
+    needs_stages = ("student", "teacher")
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, p: float, ce_weight: float, beta: float):
         super().__init__(student, teacher)
         self.p, self.ce_weight, self.beta = p, ce_weight, beta
-        self.student_tap = self.tap(student, STAGES)
-        self.teacher_tap = self.tap(teacher, STAGES)
+        student_stages, teacher_stages = find_stages(student), find_stages(teacher)
+        pairs = pair_stages(student_stages, teacher_stages)
+        self.student_layers = [student_stages[i].module for i, _ in pairs]
+        self.teacher_layers = [teacher_stages[j].module for _, j in pairs]
+        self.student_tap = self.tap(student, self.student_layers)
+        self.teacher_tap = self.tap(teacher, self.teacher_layers)
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         self.teacher_forward(images)
-        student_feats = [self.student_tap[name] for name in STAGES]
-        teacher_feats = [self.teacher_tap[name] for name in STAGES]
+        student_feats = [self.student_tap[name] for name in self.student_layers]
+        teacher_feats = [self.teacher_tap[name] for name in self.teacher_layers]
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits, targets),
             "loss_at": self.beta * at_loss(student_feats, teacher_feats, self.p),

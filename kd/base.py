@@ -17,6 +17,7 @@ class Distiller(nn.Module):
     """
 
     needs_teacher = False  # teacher-based methods get the trained teacher; their column names its arch
+    needs_stages: tuple[str, ...] = ()  # "student"/"teacher": models whose feature maps the method reads
     teacher_column = "None"  # the `teacher` column of methods without an external teacher
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):

@@ -8,9 +8,7 @@ from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import ExitHead, stage_channels
-
-EXIT_STAGES = {"layer1": 8, "layer2": 4, "layer3": 2}  # stage -> downsampling factor to layer4
+from models import ExitHead, classifier_name, find_stages, pre_logits_tap
 
 
 def byot_loss_terms(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], targets: torch.Tensor,
@@ -37,25 +35,35 @@ def byot_loss(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], t
 
 
 class BYOT(Distiller):
-    """A ResNet with three auxiliary exits after layer1-3; the heads are dropped when saving."""
+    """The student with an auxiliary exit after every stage but the deepest (layer1-3 of a ResNet); each
+    exit downsamples its stage to the deepest stage's stride and widens it to the student's pooled
+    feature. The deepest exit is the student itself. The heads are dropped when saving."""
     teacher_column = "None (self)"
+    needs_stages = ("student",)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, alpha: float,
                  temperature: float, feat_weight: float):
         super().__init__(student, None)
         self.alpha, self.temperature, self.feat_weight = alpha, temperature, feat_weight
-        num_classes, width = student.fc.out_features, student.fc.in_features
-        self.heads = nn.ModuleDict({stage: ExitHead(stage_channels(student, stage), stride, out_channels=width)
-                                    for stage, stride in EXIT_STAGES.items()})
-        self.classifiers = nn.ModuleDict({stage: nn.Linear(width, num_classes) for stage in EXIT_STAGES})
-        self.features = self.tap(student, [*EXIT_STAGES, "avgpool"])
+        *exits, deepest = find_stages(student)
+        classifier = student.get_submodule(classifier_name(student))
+        num_classes, width = classifier.out_features, classifier.in_features
+        self.exit_layers = [stage.module for stage in exits]
+        # ModuleDict keys cannot hold dots: "features.3" -> "features_3" ("layer1" stays "layer1")
+        self.heads = nn.ModuleDict({s.module.replace(".", "_"): ExitHead(s.channels, deepest.stride // s.stride,
+                                                                          out_channels=width) for s in exits})
+        self.classifiers = nn.ModuleDict({s.module.replace(".", "_"): nn.Linear(width, num_classes) for s in exits})
+        self.features = self.tap(student, self.exit_layers)
+        self.pooled, self.pooled_key = pre_logits_tap(student)  # F_C: the vector the student's classifier sees
+        self._taps.append(self.pooled)
 
     def _exits(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Logits and pooled features of every exit, shallow -> deepest (the student's own fc)."""
+        """Logits and pooled features of every exit, shallow -> deepest (the student's own classifier)."""
         deepest_logits = self.student(images)
-        feats = [self.heads[stage](self.features[stage]) for stage in EXIT_STAGES]
-        logits = [self.classifiers[stage](f) for stage, f in zip(EXIT_STAGES, feats)]
-        return logits + [deepest_logits], feats + [self.features["avgpool"].flatten(1)]
+        keys = [name.replace(".", "_") for name in self.exit_layers]
+        feats = [self.heads[key](self.features[name]) for key, name in zip(keys, self.exit_layers)]
+        logits = [self.classifiers[key](f) for key, f in zip(keys, feats)]
+        return logits + [deepest_logits], feats + [self.pooled[self.pooled_key].flatten(1)]
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -72,5 +80,5 @@ class BYOT(Distiller):
 
     def record_extras(self, history: list[dict], best_epoch: int) -> dict:
         val = history[best_epoch - 1]["val"]
-        return {"exit_accuracies": [val["exit1"], val["exit2"], val["exit3"], val["student"]],
+        return {"exit_accuracies": [val[f"exit{i + 1}"] for i in range(len(self.exit_layers))] + [val["student"]],
                 "ensemble_accuracy": val["ensemble"]}

@@ -17,7 +17,6 @@ class UserError(Exception):
     """Bad input or configuration. The command line prints it as one line and exits with code 2."""
 
 
-ARCHS = ("ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STEMS = ("auto", "cifar", "imagenet")
 SCHEDULERS = ("step", "onecycle")
@@ -39,7 +38,11 @@ _POSITIVE: Rule = ("a number > 0", lambda v: _is_num(v) and v > 0)
 _BOOL: Rule = ("true or false", lambda v: isinstance(v, bool))
 _PATH: Rule = ("a non-empty path", lambda v: isinstance(v, str) and v.strip() != "")
 _TRAIN_RULES: dict[str, Rule] = {
-    "model": (f"one of {', '.join(ARCHS)}", lambda v: v in ARCHS),
+    # the name itself is checked against the libraries by models.resolve_name (closest names on a typo)
+    "model": ("a torchvision model name (resnet18, mobilenet_v3_small ...) or timm/<name>",
+              lambda v: isinstance(v, str) and v.strip() != ""),
+    "weights": ("null (from scratch), a torchvision weights name (DEFAULT ...), true (timm's pretrained tag) "
+                "or a file path", lambda v: v is None or v is True or (isinstance(v, str) and v.strip() != "")),
     "epochs": _POSITIVE_INT,
     "lr": _POSITIVE,
     "batch_size": _POSITIVE_INT,
@@ -50,6 +53,12 @@ _TRAIN_RULES: dict[str, Rule] = {
     "gamma": ("a number in (0, 1]", lambda v: _is_num(v) and 0 < v <= 1),
     "warmup_epochs": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "zero_init_residual": _BOOL,
+}
+_TEACHER_RULES: dict[str, Rule] = {
+    **_TRAIN_RULES,
+    "epochs": ("an integer >= 1 (0 with teacher.checkpoint: use it as it is)", lambda v: _is_int(v) and v >= 0),
+    "checkpoint": ("null or the path of a teacher checkpoint or state_dict",
+                   lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
 }
 _EXPERIMENT_RULES: dict[str, Rule] = {
     "data_dir": _PATH,
@@ -86,10 +95,11 @@ _METHOD_RULES: dict[str, Rule] = {
     "two_stage": _BOOL,
     "alternate": _BOOL,
     "hint_epochs": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
-    "hint_layer": ("one of layer1, layer2, layer3, layer4",
-                   lambda v: v in ("layer1", "layer2", "layer3", "layer4")),
+    "hint_layer": ("a stage number >= 1 or the module path of a student stage (e.g. layer2)",
+                   lambda v: (_is_int(v) and v >= 1) or (isinstance(v, str) and v.strip() != "")),
 }
-SECTIONS = {"teacher": _TRAIN_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES}
+SECTIONS = {"teacher": _TEACHER_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES}
+STUDENT_KEYS = tuple(_TRAIN_RULES)  # a method's entry may override any of them for its own student
 
 
 def _closest(word: str, choices: list[str]) -> str:
@@ -99,11 +109,12 @@ def _closest(word: str, choices: list[str]) -> str:
     return f"did you mean '{match[0]}'? " if match else ""
 
 
-def _check_keys(where: str, given: dict, valid: list[str]) -> None:
+def _check_keys(where: str, given: dict, valid: list[str], optional: tuple[str, ...] = ()) -> None:
     for key in given:
-        if key not in valid:
-            raise UserError(f"unknown config key '{where}.{key}': {_closest(str(key), valid)}"
-                            f"valid keys: {', '.join(valid)}")
+        if key not in valid and key not in optional:
+            choices = [*valid, *optional]
+            raise UserError(f"unknown config key '{where}.{key}': {_closest(str(key), choices)}"
+                            f"valid keys: {', '.join(choices)}")
     missing = [k for k in valid if k not in given]
     if missing:
         raise UserError(f"config '{where}' lacks key(s) {', '.join(missing)}: add them (see final.py)")
@@ -127,6 +138,9 @@ def validate_section(section: str, cfg: dict) -> dict:
     _check_keys(section, cfg, list(rules))
     for key, value in cfg.items():
         _check_value(section, key, value, rules[key])
+    if section == "teacher" and cfg["epochs"] == 0 and cfg["checkpoint"] is None:
+        raise UserError("teacher.epochs=0 needs teacher.checkpoint (a teacher to use as it is): set "
+                        "--teacher-checkpoint PATH or train it for some epochs")
     return copy.deepcopy(cfg)
 
 
@@ -134,10 +148,17 @@ def validate_methods(methods_cfg: dict, registry: dict[str, type]) -> dict:
     """Return a checked deep copy of METHODS_CONFIG against the registered Distillers."""
     _check_keys("methods", methods_cfg, list(registry))
     for name, settings in methods_cfg.items():
-        _check_keys(f"methods.{name}", settings, method_keys(registry[name]))
+        loss_keys = method_keys(registry[name])
+        _check_keys(f"methods.{name}", settings, loss_keys, optional=STUDENT_KEYS)
         for key, value in settings.items():
-            _check_value(f"methods.{name}", key, value, _METHOD_RULES[key])
+            _check_value(f"methods.{name}", key, value, _METHOD_RULES[key] if key in loss_keys else _TRAIN_RULES[key])
     return copy.deepcopy(methods_cfg)
+
+
+def split_method_settings(settings: dict) -> tuple[dict, dict]:
+    """(loss settings, student overrides) of one method's METHODS_CONFIG entry."""
+    return ({k: v for k, v in settings.items() if k not in STUDENT_KEYS},
+            {k: v for k, v in settings.items() if k in STUDENT_KEYS})
 
 
 def resolve_method_names(names: list[str], registry: dict[str, type]) -> list[str]:

@@ -1,15 +1,13 @@
 """DML: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning" (CVPR 2018)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import reinitialize_resnet
+from models import fresh_copy
 
 
 def dml_loss(logits: torch.Tensor, peer_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -30,8 +28,7 @@ class DML(Distiller):
         super().__init__(student, None)
         self.kl_weight, self.temperature = kl_weight, temperature
         # The extra peers draw fresh weights from the global RNG, which the experiment seeds per seed.
-        self.other_peers = nn.ModuleList(reinitialize_resnet(copy.deepcopy(student))
-                                         for _ in range(num_peers - 1))
+        self.other_peers = nn.ModuleList(fresh_copy(student) for _ in range(num_peers - 1))
 
     @property
     def peers(self) -> list[nn.Module]:

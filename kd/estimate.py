@@ -14,7 +14,6 @@ from kd import METHODS, distributed
 from kd.config import UserError
 from kd.experiment import Setup, method_groups
 from kd.runtime import Runtime
-from models import build_resnet
 
 
 def seconds_per_call(call: Callable[[], None], runtime: Runtime) -> float:
@@ -79,8 +78,8 @@ def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
         return random_batch(cfg["batch_size"], data.image_size, classes, runtime)
 
     try:
-        teacher = runtime.place(build_resnet(teacher_cfg["model"], classes, setup.stem))
-        student = runtime.place(build_resnet(student_cfg["model"], classes, setup.stem))
+        teacher = runtime.place(setup.plain(setup.teacher_spec))
+        student = runtime.place(setup.plain(setup.student_spec))
         teacher_train = (seconds_per_call(training_step(teacher, *batch(teacher_cfg), runtime), runtime)
                          if train_teacher else 0.0)
         teacher_forward = seconds_per_call(forward_pass(teacher, batch(student_cfg)[0], runtime), runtime)

@@ -7,7 +7,7 @@ from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import stage_channels
+from models import ModelError, Stage, find_stages, matching_stage
 
 # The paper's second stage is plain KD, with the settings README's "Methods" gives for FitNets.
 STAGE2_TEMPERATURE, STAGE2_CE_WEIGHT, STAGE2_KD_WEIGHT = 4.0, 0.1, 0.9
@@ -32,18 +32,36 @@ class Regressor(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
+def hint_stages(student: nn.Module, teacher: nn.Module, hint_layer: int | str) -> tuple[Stage, Stage]:
+    """The student's hint stage (a stage number from 1, or a stage's module path) and the teacher stage
+    paired with it (the guided layer)."""
+    student_stages, teacher_stages = find_stages(student), find_stages(teacher)
+    names = [stage.module for stage in student_stages]
+    if isinstance(hint_layer, int) and hint_layer <= len(student_stages):
+        index = hint_layer - 1
+    elif hint_layer in names:
+        index = names.index(hint_layer)
+    else:
+        raise ModelError(f"FitNets' hint_layer {hint_layer!r} is not a stage of the student: use a stage number "
+                         f"1-{len(names)} or one of {', '.join(names)}")
+    return student_stages[index], teacher_stages[matching_stage(student_stages, index, teacher_stages)]
+
+
 class FitNets(Distiller):
     needs_teacher = True
+    needs_stages = ("student", "teacher")
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, hint_layer: str, ce_weight: float,
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, hint_layer: int | str, ce_weight: float,
                  beta: float, two_stage: bool, hint_epochs: int | None):
         super().__init__(student, teacher)
-        self.hint_layer, self.ce_weight, self.beta = hint_layer, ce_weight, beta
+        self.ce_weight, self.beta = ce_weight, beta
         self.two_stage, self.hint_epochs = two_stage, hint_epochs
         self.skips_parameters = two_stage  # the hint stage leaves the layers after the hint untrained
-        self.regressor = Regressor(stage_channels(student, hint_layer), stage_channels(teacher, hint_layer))
-        self.student_tap = self.tap(student, [hint_layer])
-        self.teacher_tap = self.tap(teacher, [hint_layer])
+        hint, guided = hint_stages(student, teacher, hint_layer)
+        self.hint_layer, self.guided_layer = hint.module, guided.module
+        self.regressor = Regressor(hint.channels, guided.channels)
+        self.student_tap = self.tap(student, [self.hint_layer])
+        self.teacher_tap = self.tap(teacher, [self.guided_layer])
         self.hint_stage = False
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
@@ -59,7 +77,7 @@ class FitNets(Distiller):
                 "loss_ce": STAGE2_CE_WEIGHT * F.cross_entropy(logits, targets),
                 "loss_kd": STAGE2_KD_WEIGHT * kd_loss(logits, teacher_logits, STAGE2_TEMPERATURE),
             }
-        guided = self.teacher_tap[self.hint_layer]
+        guided = self.teacher_tap[self.guided_layer]
         hint = hint_loss(self.regressor(self.student_tap[self.hint_layer], guided.shape[-2:]), guided)
         if self.hint_stage:  # stage 1 trains only the layers up to the hint (and the regressor)
             return logits, {"loss_hint": hint}

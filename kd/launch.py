@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from kd import distributed
 from kd.config import UserError
+from models import ModelError
 
 # How gloo reports a collective whose peer process has gone (nccl's collectives wait instead, until
 # torchrun stops them).
@@ -39,7 +40,7 @@ def exit_code(work: Callable[[], list[dict]]) -> int:
     1 a run failed or an unexpected error, 2 bad input (one line on stderr), 130 interrupted."""
     try:
         records = work()
-    except UserError as err:
+    except (UserError, ModelError) as err:
         return _stop(2, f"error: {err}")
     except KeyboardInterrupt:  # final.main has logged where the finished runs are and how to resume
         return _stop(130, "interrupted")

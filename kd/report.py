@@ -24,7 +24,7 @@ from kd.metrics import mean_std, paired_comparison
 
 log = logging.getLogger("kd")
 
-TABLE_COLUMNS = ["method", "model", "teacher", "best_accuracy", "training_time", "epochs"]
+TABLE_COLUMNS = ["method", "model", "teacher", "best_accuracy", "training_time", "epochs", "protocol"]
 MEAN_COLUMNS = ["final_accuracy", "test_accuracy", "top5_accuracy", "nll", "ece", "teacher_agreement"]
 CSV_COLUMNS = TABLE_COLUMNS + ["best_accuracy_std", "n_seeds", *MEAN_COLUMNS, "gain_vs_baseline",
                                "p_value_vs_baseline", "params", "flops", "latency_ms", "images_per_s"]
@@ -94,7 +94,10 @@ def aggregate(records: list[dict]) -> list[dict]:
         mean, std = mean_std([r["best_accuracy"] for r in runs])
         gain, p_value = (None, None) if method in ("Teacher", "Baseline") else paired_comparison(
             {r["seed"]: r["best_accuracy"] for r in runs}, baseline)
-        rows.append({"method": method, "model": runs[0]["model"], "teacher": runs[0]["teacher"],
+        protocol = runs[0].get("protocol", "common")
+        if protocol != "common":
+            p_value = None  # its own student settings: a difference to Baseline is not a method's effect alone
+        rows.append({"method": method, "model": runs[0]["model"], "teacher": runs[0]["teacher"], "protocol": protocol,
                      "best_accuracy": mean, "training_time": _mean(runs, "training_time"),
                      "epochs": runs[0]["epochs"], "best_accuracy_std": std, "n_seeds": len(runs),
                      **{key: _mean(runs, key) for key in MEAN_COLUMNS},
@@ -140,7 +143,10 @@ def experiment_summary(setup, exp_dir: Path) -> dict:
             "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
                      "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
-                     "skipped_images": data.bad_images}}
+                     "skipped_images": data.bad_images, "normalization": setup.normalization},
+            "models": {role: {"name": spec.name, "source": spec.source, "builder": spec.builder,
+                              "weights": spec.weights, "stem": spec.stem}
+                       for role, spec in (("teacher", setup.teacher_spec), ("student", setup.student_spec))}}
 
 
 def _csv_value(value) -> str:

@@ -13,7 +13,7 @@ IDEAS = {
     "KD": "Hinton et al. (2015): the student matches the teacher's temperature-softened class probabilities.",
     "AT": "Zagoruyko & Komodakis (ICLR 2017): the student matches the teacher's spatial attention maps "
           "after each stage.",
-    "FitNets": "Romero et al. (ICLR 2015): a regressor maps the student's layer2 features onto the teacher's.",
+    "FitNets": "Romero et al. (ICLR 2015): a regressor maps the student's features at one stage (the hint) onto the teacher's.",
     "DML": "Zhang et al. (CVPR 2018): two students learn from the labels and from each other, no teacher; "
            "the accuracy is the mean over peers.",
     "BYOT": "Zhang et al. (ICCV 2019): the network's deepest exit teaches three auxiliary exits (self-distillation); "
@@ -31,6 +31,9 @@ def verdict(row: dict) -> str:
     if row["method"] in ("Teacher", "Baseline") or gain is None:
         return ""
     points = f"{gain * 100:+.2f} points vs Baseline"
+    if row.get("protocol", "common") != "common":
+        return (f"{points}, but with its own student settings ({row['protocol'].removeprefix('own: ')}), not under "
+                "the common protocol: the difference is not the method's alone, so no p-value is given.")
     if n < 2:
         return (f"{points} from a single seed: not significant, a single run cannot be told apart from "
                 "run-to-run noise (run with `--seeds 0,1,2`).")
@@ -42,15 +45,28 @@ def verdict(row: dict) -> str:
     return f"{points} over {n} seeds (paired t-test p = {p_value:.3f}): significantly {direction} than Baseline."
 
 
+def _models_line(summary: dict) -> list[str]:
+    """Which models (library, starting weights, stem) the comparison used; older summaries have none."""
+    models = summary.get("models")
+    if not models:
+        return []
+    described = [f"{role} {m['name']} ({m['source']} {m['builder']}, "
+                 f"{'from scratch' if m['weights'] is None else 'weights ' + str(m['weights'])}, {m['stem']} stem)"
+                 for role, m in models.items()]
+    return [f"Models: {'; '.join(described)}. Every method's student starts from the same weights and the same "
+            "new classifier per seed, unless the table marks its protocol as its own.", ""]
+
+
 def write_report_md(exp_dir: Path, rows: list[dict], records: list[dict], summary: dict,
                     plots: dict[str, str]) -> None:
     env, data = summary["environment"], summary["data"]
-    table = ["| method | model | teacher | best val accuracy | std | seeds | test | top-5 | NLL | ECE | "
+    table = ["| method | model | teacher | protocol | best val accuracy | std | seeds | test | top-5 | NLL | ECE | "
              "agreement with teacher | gain vs Baseline | p-value | time (s) |",
-             "|---" * 14 + "|"]
+             "|---" * 15 + "|"]
     for r in rows:
         gain = "" if r["gain_vs_baseline"] is None else f"{r['gain_vs_baseline'] * 100:+.2f} pts"
-        table.append(f"| {r['method']} | {r['model']} | {r['teacher']} | {_fmt(r['best_accuracy'])} | "
+        table.append(f"| {r['method']} | {r['model']} | {r['teacher']} | {r.get('protocol', 'common')} | "
+                     f"{_fmt(r['best_accuracy'])} | "
                      f"{_fmt(r['best_accuracy_std'])} | {r['n_seeds']} | {_fmt(r['test_accuracy'])} | "
                      f"{_fmt(r['top5_accuracy'])} | {_fmt(r['nll'])} | {_fmt(r['ece'])} | "
                      f"{_fmt(r['teacher_agreement'])} | {gain} | {_fmt(r['p_value_vs_baseline'], 3)} | "
@@ -74,9 +90,10 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[dict], summar
     lines = [
         "# Knowledge-distillation comparison", "",
         f"Data: `{data['root']}`, {len(data['classes'])} classes, images per split "
-        f"{', '.join(f'{k} {v}' for k, v in data['counts'].items())}, {data['image_size']} px ({data['stem']} stem). "
+        f"{', '.join(f'{k} {v}' for k, v in data['counts'].items())}, {data['image_size']} px. "
         f"Device: {env.get('device_name', env.get('device'))}, precision {env['precision']}; "
         f"torch {env['torch']}, torchvision {env['torchvision']}.",
+        "", *_models_line(summary),
         "",
         f"Teacher: `{teacher.get('path', '')}` (val accuracy {_fmt(teacher.get('accuracy'))}, "
         f"{'reused' if teacher.get('reused') else 'trained in this experiment'}). A weak teacher makes "

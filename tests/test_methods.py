@@ -12,7 +12,9 @@ import torchvision
 
 import kd
 from final import METHODS_CONFIG
-from models import STAGES, apply_stem, build_resnet
+from models import apply_stem, build_resnet
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # a torchvision ResNet's stages
 
 NUM_CLASSES, BATCH, SIZE = 3, 4, 8
 
@@ -435,7 +437,7 @@ def test_fitnets_stage1_trains_only_up_to_hint_layer():
 
 # ----------------------------------------------------------------------------- hooks cleanup
 def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_KEYS))

@@ -8,10 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-import models
 from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from kd.config import UserError
-from models import FeatureTap, apply_stem, build_resnet, resolve_stem, stage_channels
+from models import FeatureTap, apply_stem, build_resnet, find_stages, resolve_stem
 
 
 # --- stems ---------------------------------------------------------------------------------------------
@@ -58,13 +57,14 @@ def test_zero_init_residual_is_passed_to_torchvision():
                                            ("ResNet50", (256, 512, 1024, 2048))])
 def test_feature_tap_shapes_at_16px(arch, channels):
     model = build_resnet(arch, 4, "cifar").eval()
-    tap = FeatureTap(model, models.STAGES)
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    assert [(s.module, s.channels) for s in find_stages(model)] == list(zip(stages, channels))
+    tap = FeatureTap(model, stages)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 16, 16))
     assert tuple(logits.shape) == (2, 4)
-    for stage, width, spatial in zip(models.STAGES, channels, (16, 8, 4, 2)):
+    for stage, width, spatial in zip(stages, channels, (16, 8, 4, 2)):
         assert tuple(tap[stage].shape) == (2, width, spatial, spatial)
-        assert stage_channels(model, stage) == width
     # the hooks leave the model a plain torchvision ResNet
     assert type(model) is torchvision.models.ResNet
 

@@ -423,9 +423,9 @@ def test_tiny_experiment_report_files_and_rebuild(tmp_path, tiny_config, make_im
         assert re.search(r"!\[[^\]]*\]\(" + re.escape(name) + r"\)", report), name
     assert "not significant" in report  # 2 seeds on 9 val images: never a significant win
     assert "significantly better" not in report and "significantly worse" not in report
-    assert "| KD | ResNet18 | ResNet18 |" in report
+    assert "| KD | ResNet18 | ResNet18 | common |" in report
     teacher_row = next(line for line in report.splitlines() if line.startswith("| Teacher |")).split(" | ")
-    assert teacher_row[4:6] == ["", "1"]  # one seed: the std cell is empty, not 0.0000
+    assert teacher_row[5:7] == ["", "1"]  # one seed: the std cell is empty, not 0.0000
 
     # --report rebuilds the same CSV and report.md byte for byte from the stored records
     csv_before = (exp / "comparison_results.csv").read_bytes()

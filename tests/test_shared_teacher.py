@@ -45,8 +45,6 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
     root = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 2})
     data = load_image_data(root, 8, hflip=False, num_workers=0)
     teacher = build_resnet("ResNet18", 3, "cifar")
-    calls = []
-    teacher.register_forward_hook(lambda *_: calls.append(1))
     cfg = final.create_student_config(epochs=1, batch_size=8)
     settings = final.default_config()["methods"]
     jobs = []
@@ -54,6 +52,8 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
         name = cls.__name__
         distiller = cls(build_resnet("ResNet18", 3, "cifar"), teacher, **settings[name])
         jobs.append((distiller, RunSpec(name, cfg, 0, tmp_path / "tb" / name, tmp_path / "ckpt" / name, {})))
+    calls = []  # counted from here: building AT and FitNets probed the teacher's stages once
+    teacher.register_forward_hook(lambda *_: calls.append(1))
     outcomes = fit_together(jobs, data, Runtime(torch.device("cpu"), "fp32", channels_last=False))
 
     batches = 3  # 24 training images, batch size 8

@@ -1,0 +1,177 @@
+"""The teacher of an experiment: trained here, reused from an earlier experiment, or the user's own."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd import distributed
+from kd.baseline import Baseline
+from kd.checkpoint import load_checkpoint
+from kd.config import UserError
+from kd.experiment import Setup, complete_record, file_tag, model_meta
+from kd.trainer import RunSpec, evaluate, fit
+from models import classifier_name, num_outputs, set_classifier
+from models.weights import InputStats, load_state_strictly
+
+log = logging.getLogger("kd")
+
+# What a saved teacher must share with this experiment to be reused (besides its starting weights).
+REUSE_KEYS = ("source", "builder", "weights", "class_names", "image_size", "stem")
+
+
+def teacher_path(setup: Setup, tag: str = "best") -> Path:
+    return setup.checkpoints / "teachers" / f"{file_tag(setup.config['teacher']['model'])}_teacher_{tag}.pth"
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _start(setup: Setup) -> dict | None:
+    """The teacher.checkpoint a teacher starts from, as checkpoint meta records it."""
+    path = setup.config["teacher"]["checkpoint"]
+    return None if path is None else {"checkpoint": str(path), "sha256": _sha256(path)}
+
+
+def external_teacher_state(setup: Setup, fine_tune: bool) -> dict[str, torch.Tensor]:
+    """The state_dict of teacher.checkpoint for this experiment's teacher, checked: classes, input size and
+    architecture must fit (one line each), unless fine-tuning replaces its classifier."""
+    state, meta = setup.teacher_file
+    path, data = setup.config["teacher"]["checkpoint"], setup.data
+    if meta is not None:
+        if meta.get("builder") not in (None, setup.teacher_spec.builder):
+            raise UserError(f"teacher checkpoint '{path}' is a {meta['builder']}, but teacher.model is "
+                            f"{setup.teacher_spec.name}: set teacher.model to {meta['builder']}")
+        if meta.get("image_size") not in (None, data.image_size):
+            raise UserError(f"teacher checkpoint '{path}' was trained at {meta['image_size']} px, this run uses "
+                            f"{data.image_size} px: set experiment.image_size to {meta['image_size']}")
+        if not fine_tune and meta.get("class_names") not in (None, data.class_names):
+            raise UserError(f"teacher checkpoint '{path}' knows the classes {', '.join(meta['class_names'][:6])}"
+                            f"{' ...' if len(meta['class_names']) > 6 else ''}, not this data's "
+                            f"{', '.join(data.class_names[:6])}: use a teacher of these classes or fine-tune it "
+                            "(teacher.epochs > 0)")
+    model = setup.build(setup.teacher_spec, with_weights=False)
+    outputs = state.get(f"{classifier_name(model)}.weight")
+    outputs = None if outputs is None else int(outputs.shape[0])
+    if outputs is not None and outputs != len(data.class_names):
+        if not fine_tune:
+            raise UserError(f"teacher checkpoint '{path}' has {outputs} outputs, this data has "
+                            f"{len(data.class_names)} classes: fine-tune it (teacher.epochs > 0) or use a teacher "
+                            "of these classes")
+        set_classifier(model, outputs)
+    load_state_strictly(model, state, f"teacher checkpoint '{path}'", f"teacher.model {setup.teacher_spec.name}")
+    if meta is None and not fine_tune:
+        log.warning("Teacher checkpoint %s has no class names (a plain state_dict): only its number of outputs "
+                    "(%d) could be checked against the data's classes", path, num_outputs(model))
+    if num_outputs(model) != len(data.class_names):
+        set_classifier(model, len(data.class_names))  # a new classifier for these classes, drawn from the seed
+    return model.state_dict()
+
+
+def reusable_teacher(setup: Setup, resume_records: list[dict] | None = None) -> dict | None:
+    """The teacher checkpoint to use as it is, or None to train one; a misfit is a UserError.
+
+    teacher.checkpoint with teacher.epochs = 0 is used as it is. Otherwise a teacher counts as finished
+    when its best and final checkpoints come from the same run; a resumed experiment keeps its own teacher
+    (the file must be unchanged) or continues training it. Checked before anything is written, so a
+    mismatch leaves no half-started experiment behind.
+    """
+    cfg = setup.config["teacher"]
+    if cfg["checkpoint"] and cfg["epochs"] == 0:
+        checkpoint = {"model": external_teacher_state(setup, fine_tune=False),
+                      "meta": {"epoch": 0, "training_time": 0.0, "epochs": 0}, "path": cfg["checkpoint"]}
+        stored = next((r for r in resume_records or [] if r["method"] == "Teacher"), None)
+        if stored is not None and _sha256(cfg["checkpoint"]) != stored["sha256"]:
+            raise UserError(f"cannot resume: teacher checkpoint '{cfg['checkpoint']}' changed since the "
+                            "experiment started; start a new experiment without --resume")
+        return checkpoint
+    best_path = teacher_path(setup)
+    if resume_records is not None:
+        stored = next((r for r in resume_records if r["method"] == "Teacher"), None)
+        if stored is None:
+            return None  # the teacher's own training was interrupted: it continues from its state
+        checkpoint = load_checkpoint(stored["checkpoint"])
+        if _sha256(stored["checkpoint"]) != stored["sha256"]:
+            raise UserError(f"cannot resume: teacher checkpoint '{stored['checkpoint']}' changed since the "
+                            "experiment started; start a new experiment without --resume")
+        return checkpoint
+    if setup.config["experiment"]["retrain_teacher"] or not best_path.exists():
+        return None
+    checkpoint = load_checkpoint(best_path)
+    wanted = {**model_meta(setup.teacher_spec, setup), "start": _start(setup)}
+    saved = {"source": "torchvision", "builder": str(checkpoint["meta"].get("arch", "")).lower(), "weights": None,
+             "start": None, **checkpoint["meta"]}  # checkpoints from before any-model support name only arch
+    for key in (*REUSE_KEYS, "start"):
+        if saved.get(key) != wanted[key]:
+            raise UserError(f"teacher checkpoint '{best_path}' does not fit this experiment: {key} is "
+                            f"{saved.get(key)!r} there but {wanted[key]!r} here; pass --retrain-teacher to train "
+                            "a new teacher (it replaces that file)")
+    final_path = teacher_path(setup, "final")
+    if not final_path.exists() or load_checkpoint(final_path)["meta"].get("run") != checkpoint["meta"].get("run"):
+        log.info("Teacher checkpoint %s is from an unfinished training run: training a new teacher", best_path)
+        return None
+    return checkpoint
+
+
+class _Renormalize:
+    """A forward pre-hook that turns the experiment's normalised images into what the teacher's own weights
+    expect (another mean/std), leaving the model itself unmodified."""
+
+    def __init__(self, data_mean: list[float], data_std: list[float], stats: InputStats):
+        to_tensor = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+        self.scale = to_tensor(data_std) / to_tensor(stats.std)
+        self.shift = (to_tensor(data_mean) - to_tensor(stats.mean)) / to_tensor(stats.std)
+
+    def __call__(self, _module: nn.Module, inputs: tuple) -> tuple:
+        images = inputs[0]
+        return (images * self.scale.to(images.device) + self.shift.to(images.device), *inputs[1:])
+
+
+def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[nn.Module, dict]:
+    """Use the given teacher `checkpoint` (a reused or the user's own), else train one; return it and its record."""
+    cfg, spec = setup.config["teacher"], setup.teacher_spec
+    best_path = teacher_path(setup)
+    seed = setup.config["experiment"]["seeds"][0]
+    record = {"method": "Teacher", "model": spec.name, "teacher": "None", "seed": seed, "status": "ok",
+              "protocol": "common", "checkpoint": str(checkpoint.get("path", best_path)) if checkpoint else str(best_path)}
+    torch.manual_seed(seed)
+    stats = setup.teacher_stats
+    teacher = setup.runtime.place(setup.build(spec, with_weights=checkpoint is None and not cfg["checkpoint"]))
+    if stats is not None and (list(stats.mean), list(stats.std)) != (setup.data.mean, setup.data.std):
+        log.info("The teacher's weights expect mean %s std %s: its input is renormalised", stats.mean, stats.std)
+        teacher.register_forward_pre_hook(_Renormalize(setup.data.mean, setup.data.std, stats))
+    if checkpoint is None:
+        if cfg["checkpoint"]:
+            teacher.load_state_dict(external_teacher_state(setup, fine_tune=True))
+        log.info("Training teacher %s for %d epochs", spec.name, cfg["epochs"])
+        tag = file_tag(spec.name)
+        run_spec = RunSpec("Teacher", cfg, seed, setup.logs / "teachers" / f"{tag}_Teacher_Final_{setup.stamp}",
+                           setup.checkpoints / "teachers" / f"{tag}_teacher",
+                           {**model_meta(spec, setup, stats), "config": cfg, "epochs": cfg["epochs"],
+                            "run": setup.stamp, "start": _start(setup)}, setup.resume_path("Teacher", seed))
+        result, _ = fit(Baseline(teacher), setup.data, run_spec, setup.runtime)
+        record["reused"] = False
+        distributed.barrier()  # rank 0 has written the checkpoint the others read now
+        checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
+    else:
+        meta = checkpoint["meta"]
+        result = {"best_epoch": meta["epoch"], "training_time": meta["training_time"], "epochs": meta["epochs"]}
+        record["reused"] = True
+    teacher.load_state_dict(checkpoint["model"])
+    scores = {split: evaluate(Baseline(teacher), setup.data, split, cfg["batch_size"], setup.runtime)
+              for split in setup.data.splits if split != "train"}
+    if record["reused"]:
+        log.info("%s %s (val accuracy %.4f, epoch %d)%s", "Using your teacher" if "path" in checkpoint
+                 else "Reusing teacher", record["checkpoint"], scores["val"].accuracies["student"],
+                 checkpoint["meta"]["epoch"], "" if "path" in checkpoint else "; pass --retrain-teacher to train a new one")
+        result.update(best_accuracy=scores["val"].accuracies["student"],
+                      final_accuracy=scores["val"].accuracies["student"],
+                      test_accuracy=scores["test"].accuracies["student"] if "test" in scores else None)
+    record["sha256"] = _sha256(record["checkpoint"])
+    complete_record(record, result, scores["val"], setup, teacher)
+    setup.teacher_predictions = scores["val"].probs.argmax(dim=1)
+    return teacher.eval(), record

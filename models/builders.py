@@ -1,0 +1,195 @@
+"""Model names and builders: any torchvision classification model or timm model, unmodified.
+
+A model is named by its library builder, case-insensitive: `resnet50` (also the seed's "ResNet50"),
+`mobilenet_v3_small`, or `timm/<name>`. The only change ever made to a library model is its
+classifier (for the user's classes) and, for torchvision's ResNet family on small images, the CIFAR
+stem; both are repeated by a user who loads a saved checkpoint into the plain library model.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from models.errors import ModelError
+
+TIMM_PREFIX = "timm/"
+SMALL_IMAGE_MAX = 64  # at or below this size a ResNet's ImageNet stem would shrink the image 4x too early
+RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")  # the torchvision builders that take `stem`
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build one model the same way again."""
+    name: str                      # as configured: "ResNet50", "mobilenet_v3_small", "timm/resnet10t"
+    source: str                    # "torchvision" or "timm"
+    builder: str                   # the library's own name: "resnet50", "resnet10t"
+    weights: str | bool | None     # None: from scratch; a weights name, True (timm's tag) or a file path
+    stem: str                      # "cifar" or "imagenet" for the ResNet family, else "library"
+    zero_init_residual: bool
+    image_size: int
+
+    @property
+    def resnet_family(self) -> bool:
+        return self.source == "torchvision" and self.builder.startswith(RESNET_FAMILY)
+
+
+
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.cache
+def timm_names() -> tuple[str, ...]:
+    import timm
+    return tuple(timm.list_models())
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """(source, builder) of a configured model name; an unknown name lists the closest known ones."""
+    text = str(name).strip()
+    if text.lower().startswith(TIMM_PREFIX):
+        import timm
+        builder = text[len(TIMM_PREFIX):]
+        base = builder.split(".", 1)[0]  # "resnet10t.c3_in1k": a pretrained tag may follow the dot
+        for candidate in (builder, builder.lower()):
+            if timm.is_model(candidate.split(".", 1)[0]):
+                return "timm", candidate
+        close = difflib.get_close_matches(base.lower(), timm_names(), n=5, cutoff=0.5) or timm_names()[:5]
+        raise ModelError(f"unknown timm model '{builder}': closest are "
+                         f"{', '.join(TIMM_PREFIX + n for n in close)} (timm.list_models() lists them all)")
+    if text.lower() in torchvision_names():
+        return "torchvision", text.lower()
+    close = difflib.get_close_matches(text.lower(), torchvision_names(), n=5, cutoff=0.5)
+    raise ModelError(f"unknown model '{text}': closest torchvision names are "
+                     f"{', '.join(close) or ', '.join(torchvision_names()[:5])}; timm models are named "
+                     "timm/<name>")
+
+
+def resolve_stem(stem: str, image_size: int, resnet_family: bool = True, pretrained: bool = False) -> str:
+    """The stem a model gets: "auto" picks the CIFAR stem for a ResNet on small images (unless its
+    pretrained weights expect the ImageNet one); models outside the ResNet family keep their own."""
+    if not resnet_family:
+        return "library"
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size <= SMALL_IMAGE_MAX and not pretrained else "imagenet"
+
+
+def model_spec(model_cfg: dict, image_size: int, stem: str) -> ModelSpec:
+    """The ModelSpec of a teacher or student config section (keys model, weights, zero_init_residual)."""
+    source, builder = resolve_name(model_cfg["model"])
+    weights = model_cfg.get("weights")
+    resnet_family = source == "torchvision" and builder.startswith(RESNET_FAMILY)
+    if model_cfg.get("zero_init_residual") and not resnet_family:
+        raise ModelError(f"zero_init_residual applies to torchvision's ResNet family only, not to "
+                         f"{model_cfg['model']}: set it to false")
+    return ModelSpec(str(model_cfg["model"]), source, builder, weights,
+                     resolve_stem(stem, image_size, resnet_family, pretrained=weights is not None),
+                     bool(model_cfg.get("zero_init_residual")), image_size)
+
+
+def apply_stem(model: nn.Module, stem: str) -> nn.Module:
+    """Give a torchvision ResNet the CIFAR stem (3x3 stride-1 conv, no max-pool) when asked.
+
+    This is what a user repeats to load a saved checkpoint into a plain `torchvision.models.resnetXX`.
+    """
+    if stem == "cifar":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif stem not in ("imagenet", "library"):
+        raise ValueError(f"unknown stem {stem!r}")
+    return model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The module that gives the logits: timm names it; in torchvision models it is the last Linear."""
+    if hasattr(model, "pretrained_cfg") and model.pretrained_cfg.get("classifier"):
+        return model.pretrained_cfg["classifier"]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no Linear classifier to replace")
+    return linears[-1]
+
+
+def num_outputs(model: nn.Module) -> int:
+    return model.get_submodule(classifier_name(model)).out_features
+
+
+def set_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """A new classifier for `num_classes` (library default init, drawn from the global RNG)."""
+    if hasattr(model, "reset_classifier"):  # timm
+        model.reset_classifier(num_classes)
+        return model
+    name = classifier_name(model)
+    old = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return model
+
+
+def _library_model(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """The library's own model with random weights (its init scheme, from the global RNG)."""
+    if spec.source == "timm":
+        import timm
+        return timm.create_model(spec.builder, pretrained=False, num_classes=num_classes, **timm_size_kwargs(spec))
+    kwargs = {"num_classes": num_classes}
+    if spec.resnet_family:
+        kwargs["zero_init_residual"] = spec.zero_init_residual
+    if spec.builder.startswith("vit_"):
+        kwargs["image_size"] = spec.image_size  # torchvision's ViT takes exactly its image_size
+    return torchvision.models.get_model(spec.builder, weights=None, **kwargs)
+
+
+def timm_size_kwargs(spec: ModelSpec) -> dict:
+    """timm's transformers are built for the run's image size (their position embedding resized);
+    its CNNs take any size as they are."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(spec.builder)
+    return {"img_size": spec.image_size} if cfg is not None and cfg.fixed_input_size else {}
+
+
+def build_model(spec: ModelSpec, num_classes: int, with_weights: bool = True) -> nn.Module:
+    """The unmodified library model for `spec`, with `num_classes` outputs and the ResNet stem asked for.
+
+    `with_weights` loads the starting weights (`spec.weights`); without it the weights are random, as for
+    a model that will load a saved state next.
+    """
+    if with_weights and spec.weights is not None:
+        from models.weights import pretrained_model
+        model = pretrained_model(spec, num_classes)
+    else:
+        model = _library_model(spec, num_classes)
+    if spec.resnet_family:
+        apply_stem(model, spec.stem)
+    model.build_spec = spec  # a plain attribute: not in the state_dict; lets fresh_copy build another
+    return model
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """Another model like `model` (made by build_model) with a different start, from the global RNG (DML's
+    extra peers): a model from scratch gets the library's random initialisation again; a pretrained one
+    keeps its starting weights and gets a new classifier."""
+    spec = model.build_spec
+    if spec.weights is None:
+        return build_model(spec, num_outputs(model), with_weights=False)
+    return set_classifier(copy.deepcopy(model), num_outputs(model))
+
+
+def build_resnet(arch: str, num_classes: int, stem: str, zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision ResNet ("ResNet18", "ResNet50", ...) with random weights and the given stem."""
+    spec = ModelSpec(arch, "torchvision", arch.lower(), None, stem, zero_init_residual, 0)
+    return build_model(spec, num_classes)
+
+
+def state_dict_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    """How many classes a state_dict for `model` predicts (its classifier's rows), if it has that key."""
+    weight = state.get(f"{classifier_name(model)}.weight")
+    return None if weight is None else int(weight.shape[0])

@@ -1,0 +1,189 @@
+"""Starting weights: torchvision's weights through its cache (TORCH_HOME), timm's pretrained tags through
+the Hugging Face cache, or a file (this project's checkpoint, a plain state_dict, a library weights file).
+
+Files are read with `weights_only=True` (or as safetensors). When a library file is missing and cannot be
+downloaded, the error names the file and the folder to put it in.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from models.builders import ModelSpec, _library_model, set_classifier, state_dict_outputs, timm_size_kwargs
+from models.errors import ModelError
+
+log = logging.getLogger("kd.models")
+
+@dataclass(frozen=True)
+class InputStats:
+    """How a model's starting weights expect their input: normalisation and recommended sizes."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: int | None       # the size the weights were evaluated at (their transforms' crop)
+    min_size: int          # below this the library refuses the model (e.g. torchvision's ViT: 224)
+    origin: str            # where the numbers come from, for the plan
+
+
+def torchvision_weights(spec: ModelSpec) -> torchvision.models.WeightsEnum | None:
+    """The torchvision weights `spec.weights` names ("DEFAULT", "IMAGENET1K_V2", True), or None for a file."""
+    if spec.source != "torchvision" or spec.weights is None:
+        return None
+    enum = torchvision.models.get_model_weights(spec.builder)
+    if spec.weights is True:
+        return enum.DEFAULT
+    members = {name.upper(): member for name, member in enum.__members__.items()}
+    weights = members.get(str(spec.weights).upper().removeprefix(f"{enum.__name__.upper()}."))
+    if weights is None and not Path(str(spec.weights)).suffix and "/" not in str(spec.weights):
+        raise ModelError(f"unknown weights '{spec.weights}' for {spec.builder}: choose one of "
+                         f"{', '.join(enum.__members__)} or a file path")
+    return weights
+
+
+def weights_file(spec: ModelSpec) -> Path | None:
+    """The user's file, when `spec.weights` is a path rather than a library weights name or tag."""
+    if spec.weights is None or spec.weights is True or torchvision_weights(spec) is not None:
+        return None
+    path = Path(os.path.expanduser(str(spec.weights)))
+    if not path.is_file():
+        raise ModelError(f"weights file '{path}' for {spec.name} does not exist: give an existing file, "
+                         "a torchvision weights name (DEFAULT) or true for timm's pretrained tag")
+    return path
+
+
+def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, this project's meta or None) of a checkpoint, state_dict or library weights file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path)), None
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        raise ModelError(f"'{path}' is not a readable weights file ({reason[0][:120] if reason else type(err).__name__}):"
+                         " give a checkpoint or state_dict saved with torch.save") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) and isinstance(loaded.get("meta"), dict):
+        return loaded["model"], loaded["meta"]
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        return loaded["state_dict"], None  # the common {"state_dict": ...} training-script layout
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ModelError(f"'{path}' holds no state_dict (a dict of tensors): save model.state_dict()")
+    return loaded, None
+
+
+def load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
+    """load_state_dict(strict=True), with a mismatch told in one line (another architecture, most often)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} there, {tuple(own[k].shape)} here"
+               for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        problems = [f"{len(missing)} missing key(s) (e.g. {missing[0]})" if missing else "",
+                    f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})" if unexpected else "",
+                    f"shape of {resized[0]}" if resized else ""]
+        raise ModelError(f"{source} does not fit {name}: {'; '.join(p for p in problems if p)} - it was saved "
+                         "from another architecture or stem")
+    model.load_state_dict(state)
+
+
+def _download_reason(err: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(getattr(err, "reason", None) or err))[:100] or type(err).__name__
+
+
+def _torchvision_pretrained(spec: ModelSpec, weights: torchvision.models.WeightsEnum) -> dict:
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    if not (folder / filename).is_file():
+        log.info("Downloading %s into %s", weights.url, folder)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch's own download notice: the line above says it
+            return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # urllib/socket/http errors: no network, proxy, server; all mean "not here"
+        if (folder / filename).is_file():
+            raise ModelError(f"'{folder / filename}' is not a readable weights file ({_download_reason(err)}): "
+                             f"delete it, or replace it with {weights.url}") from None
+        raise ModelError(f"pretrained weights {weights} for {spec.name} are not in the torchvision cache and "
+                         f"cannot be downloaded ({_download_reason(err)}): put {filename} (from {weights.url}) "
+                         f"into {folder}, or give weights as a file path") from None
+
+
+def _timm_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
+    import timm
+    from huggingface_hub import constants
+    cfg = timm.models.get_pretrained_cfg(spec.builder)
+    repo = getattr(cfg, "hf_hub_id", None) or spec.builder
+    try:
+        return timm.create_model(spec.builder, pretrained=True, num_classes=num_classes, **timm_size_kwargs(spec))
+    except Exception as err:  # huggingface_hub/http errors when offline and the file is not cached
+        raise ModelError(f"pretrained weights of timm/{spec.builder} are not in the Hugging Face cache and cannot "
+                         f"be downloaded ({_download_reason(err)}): put the repository {repo} (its "
+                         f"model.safetensors) into {constants.HF_HUB_CACHE} (hf download {repo}), or give weights "
+                         "as a file path") from None
+
+
+def pretrained_model(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """The library model with `spec.weights` loaded and a new classifier for `num_classes`."""
+    from models.builders import apply_stem
+    if spec.source == "timm" and spec.weights is True:
+        return _timm_pretrained(spec, num_classes)
+    library = torchvision_weights(spec)
+    if library is not None:
+        state, source = _torchvision_pretrained(spec, library), f"weights {library}"
+    else:
+        path = weights_file(spec)
+        state, _ = read_weights_file(path)
+        source = f"weights file '{path}'"
+    model = _library_model(spec, num_classes)
+    if spec.resnet_family and library is None:
+        apply_stem(model, spec.stem)  # a file saved with the CIFAR stem loads into the CIFAR stem
+    outputs = state_dict_outputs(state, model)
+    if outputs is not None and outputs != num_classes:
+        set_classifier(model, outputs)
+    load_state_strictly(model, state, source, spec.name)
+    if outputs != num_classes:
+        set_classifier(model, num_classes)
+    return model
+
+
+def ensure_available(spec: ModelSpec) -> None:
+    """Check (downloading through the library's cache if needed) that the starting weights can be read,
+    so that a missing file stops the experiment before anything is trained or written."""
+    if spec.weights is not None:
+        pretrained_model(spec, 2)
+
+
+def input_stats(spec: ModelSpec, meta: dict | None = None) -> InputStats | None:
+    """The normalisation and sizes the starting weights expect; None for a model trained from scratch."""
+    if meta is not None and meta.get("mean") is not None:
+        return InputStats(tuple(meta["mean"]), tuple(meta["std"]), meta.get("image_size"), 1,
+                          "the checkpoint's own meta")
+    if spec.weights is None:
+        return None
+    if spec.source == "timm":
+        import timm
+        cfg = timm.models.get_pretrained_cfg(spec.builder)
+        if cfg is None:
+            return None
+        origin = f"timm's pretrained_cfg of {spec.builder}" + (" (assumed for the file)" if spec.weights is not True
+                                                                 else "")
+        return InputStats(tuple(cfg.mean), tuple(cfg.std), cfg.input_size[-1],
+                          (cfg.min_input_size or (3, 1, 1))[-1], origin)
+    weights = torchvision_weights(spec)
+    origin = f"the transforms of {weights}"
+    if weights is None:
+        weights = torchvision.models.get_model_weights(spec.builder).DEFAULT
+        origin = f"the transforms of {weights} (assumed for the file)"
+    transforms = weights.transforms()
+    return InputStats(tuple(transforms.mean), tuple(transforms.std), transforms.crop_size[0],
+                      weights.meta.get("min_size", (1, 1))[0], origin)
