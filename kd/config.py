@@ -138,6 +138,9 @@ def validate_section(section: str, cfg: dict) -> dict:
     _check_keys(section, cfg, list(rules))
     for key, value in cfg.items():
         _check_value(section, key, value, rules[key])
+    if section == "teacher" and cfg["checkpoint"] is not None and cfg["weights"] is not None:
+        raise UserError("teacher.weights and teacher.checkpoint are both set: the teacher starts from one of them; "
+                        "set the other to null")
     if section == "teacher" and cfg["epochs"] == 0 and cfg["checkpoint"] is None:
         raise UserError("teacher.epochs=0 needs teacher.checkpoint (a teacher to use as it is): set "
                         "--teacher-checkpoint PATH or train it for some epochs")

@@ -142,15 +142,17 @@ def check_models(setup: Setup) -> None:
     for method in methods:
         settings, _, spec = setup.student_settings(method)
         distiller_cls, student = METHODS[method], setup.plain(spec)
-        lacking = [model_spec.name for role, model_spec, model in
+        lacking = [(role, model_spec.name) for role, model_spec, model in
                    (("student", spec, student), ("teacher", setup.teacher_spec, teacher))
                    if role in distiller_cls.needs_stages and not find_stages(model)]
         if lacking:
-            working = [m for m in METHODS if not METHODS[m].needs_stages]
-            raise UserError(f"{method} needs feature maps, which {lacking[0]} (a transformer) does not have: run "
-                            f"{', '.join(working)} with it (--methods), or choose a CNN")
+            role, name = lacking[0]
+            working = [m for m in METHODS if role not in METHODS[m].needs_stages]
+            raise UserError(f"{method} needs feature maps of the {role}, which {name} (a transformer) does not "
+                            f"have: run {', '.join(working)} with it (--methods), or choose a CNN {role}")
         # built once on the plain models, so that a setting that cannot work stops here (e.g. hint_layer)
         distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings).close()
+    teacher.train().requires_grad_(True)  # a Distiller froze it; the estimate times its training step
 
 
 def _stage_lines(role: str, spec: ModelSpec, setup: Setup) -> tuple[list[str], list]:

@@ -104,11 +104,13 @@ def _download_reason(err: BaseException) -> str:
 def _torchvision_pretrained(spec: ModelSpec, weights: torchvision.models.WeightsEnum) -> dict:
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
-    if not (folder / filename).is_file():
-        log.info("Downloading %s into %s", weights.url, folder)
+    cached = (folder / filename).is_file()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch's own download notice: the line above says it
-            return weights.get_state_dict(progress=False, check_hash=True)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            state = weights.get_state_dict(progress=False, check_hash=True)  # torch's own notices: said below
+        if not cached:
+            log.info("Downloaded %s into %s", weights.url, folder)
+        return state
     except Exception as err:  # urllib/socket/http errors: no network, proxy, server; all mean "not here"
         if (folder / filename).is_file():
             raise ModelError(f"'{folder / filename}' is not a readable weights file ({_download_reason(err)}): "

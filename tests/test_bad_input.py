@@ -137,7 +137,7 @@ def test_mismatching_teacher(capsys, trained, flags, needle):
     if "ResNet34" in flags[1]:  # a ResNet18 checkpoint where a ResNet34 teacher is expected
         shutil.copy(trained["ckpt"] / "teachers" / "ResNet18_teacher_best.pth",
                     trained["ckpt"] / "teachers" / "ResNet34_teacher_best.pth")
-        needle = "arch is 'ResNet18' there but 'ResNet34' here"
+        needle = "builder is 'resnet18' there but 'resnet34' here"
     code, _, err = _cli(capsys, *base, *flags, "--check")
     line = _one_error_line(err)
     assert code == 2 and needle in line and "--retrain-teacher" in line
