@@ -164,11 +164,11 @@ def build_model(spec: ModelSpec, num_classes: int, with_weights: bool = True) ->
     """
     if with_weights and spec.weights is not None:
         from models.weights import pretrained_model
-        model = pretrained_model(spec, num_classes)
+        model = pretrained_model(spec, num_classes)  # the stem as the weights need it
     else:
         model = _library_model(spec, num_classes)
-    if spec.resnet_family:
-        apply_stem(model, spec.stem)
+        if spec.resnet_family:
+            apply_stem(model, spec.stem)
     model.build_spec = spec  # a plain attribute: not in the state_dict; lets fresh_copy build another
     return model
 

@@ -155,6 +155,8 @@ def pretrained_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     load_state_strictly(model, state, source, spec.name)
     if outputs != num_classes:
         set_classifier(model, num_classes)
+    if spec.resnet_family and library is not None:
+        apply_stem(model, spec.stem)  # asked for the CIFAR stem: ImageNet weights keep all but the first conv
     return model
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import final
 from kd import METHODS
+from models import build_model, build_resnet, model_spec
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,32 @@ def test_teacher_column_and_saved_students(two_seed_records):
     assert len(byot["exit_accuracies"]) == 4 and byot["exit_accuracies"][-1] == byot["best_accuracy"]
     dml = next(r for r in records if r["method"] == "DML")
     assert len(dml["peer_accuracies"]) == 2
+
+
+def test_pretrained_students_start_alike_per_seed_with_a_new_head(tmp_path, make_image_folder):
+    # starting weights from a file (a 1000-class CIFAR-stem ResNet18): every method of a seed starts from
+    # them with the same new classifier; another seed draws another classifier, never other weights
+    make_image_folder(tmp_path / "data", per_class={"train": 6, "val": 2})
+    torch.manual_seed(123)
+    pretrained = build_resnet("ResNet18", 1000, "cifar").state_dict()
+    torch.save(pretrained, tmp_path / "start.pth")
+    config = final.default_config()
+    config["teacher"].update(model="ResNet18", epochs=1, batch_size=8)
+    config["student"].update(epochs=1, batch_size=8, weights=str(tmp_path / "start.pth"))
+    config["experiment"].update(data_dir=str(tmp_path / "data"), methods=["Baseline", "KD", "DML"], seeds=[0, 1],
+                                image_size=8, stem="cifar", device="cpu", precision="fp32", num_workers=0)
+    records = [r for r in final.main(config) if r["method"] != "Teacher"]
+    for seed in (0, 1):
+        assert len({r["student_init_sha256"] for r in records if r["seed"] == seed}) == 1
+    assert len({r["student_init_sha256"] for r in records}) == 2
+
+    spec = model_spec(config["student"], 8, "cifar")
+    starts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        starts.append(build_model(spec, 3).state_dict())
+    for key, value in starts[0].items():
+        if key.startswith("fc."):
+            assert value.shape[0] == 3 and not torch.equal(value, starts[1][key])
+        else:
+            assert torch.equal(value, pretrained[key]) and torch.equal(value, starts[1][key])
