@@ -28,9 +28,10 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
-    def tap(self, model: nn.Module, names: list[str] | tuple[str, ...]) -> FeatureTap:
-        """Forward hooks on `model` (often the shared teacher), removed again by `close()`."""
-        self._taps.append(FeatureTap(model, names))
+    def tap(self, model: nn.Module, names: list[str] | tuple[str, ...], inputs: bool = False) -> FeatureTap:
+        """Forward hooks on `model` (often the shared teacher) that keep the named modules' outputs (or,
+        with `inputs`, their inputs), removed again by `close()`."""
+        self._taps.append(FeatureTap(model, names, inputs))
         return self._taps[-1]
 
     def close(self) -> None:

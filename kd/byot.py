@@ -8,7 +8,7 @@ from torch import nn
 
 from kd.base import Distiller
 from kd.hinton import kd_loss
-from models import ExitHead, classifier_name, find_stages, pre_logits_tap
+from models import ExitHead, classifier_name, find_stages
 
 
 def byot_loss_terms(exit_logits: list[torch.Tensor], exit_feats: list[torch.Tensor], targets: torch.Tensor,
@@ -46,24 +46,24 @@ class BYOT(Distiller):
         super().__init__(student, None)
         self.alpha, self.temperature, self.feat_weight = alpha, temperature, feat_weight
         *exits, deepest = find_stages(student)
-        classifier = student.get_submodule(classifier_name(student))
+        self.classifier_name = classifier_name(student)
+        classifier = student.get_submodule(self.classifier_name)
         num_classes, width = classifier.out_features, classifier.in_features
         self.exit_layers = [stage.module for stage in exits]
         # ModuleDict keys cannot hold dots: "features.3" -> "features_3" ("layer1" stays "layer1")
-        self.heads = nn.ModuleDict({s.module.replace(".", "_"): ExitHead(s.channels, deepest.stride // s.stride,
-                                                                          out_channels=width) for s in exits})
-        self.classifiers = nn.ModuleDict({s.module.replace(".", "_"): nn.Linear(width, num_classes) for s in exits})
+        self.exit_keys = [name.replace(".", "_") for name in self.exit_layers]
+        self.heads = nn.ModuleDict({key: ExitHead(s.channels, deepest.stride // s.stride, out_channels=width)
+                                    for key, s in zip(self.exit_keys, exits)})
+        self.classifiers = nn.ModuleDict({key: nn.Linear(width, num_classes) for key in self.exit_keys})
         self.features = self.tap(student, self.exit_layers)
-        self.pooled, self.pooled_key = pre_logits_tap(student)  # F_C: the vector the student's classifier sees
-        self._taps.append(self.pooled)
+        self.pooled = self.tap(student, [self.classifier_name], inputs=True)  # F_C: what the classifier sees
 
     def _exits(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Logits and pooled features of every exit, shallow -> deepest (the student's own classifier)."""
         deepest_logits = self.student(images)
-        keys = [name.replace(".", "_") for name in self.exit_layers]
-        feats = [self.heads[key](self.features[name]) for key, name in zip(keys, self.exit_layers)]
-        logits = [self.classifiers[key](f) for key, f in zip(keys, feats)]
-        return logits + [deepest_logits], feats + [self.pooled[self.pooled_key].flatten(1)]
+        feats = [self.heads[key](self.features[name]) for key, name in zip(self.exit_keys, self.exit_layers)]
+        logits = [self.classifiers[key](f) for key, f in zip(self.exit_keys, feats)]
+        return logits + [deepest_logits], feats + [self.pooled[self.classifier_name].flatten(1)]
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -95,7 +95,7 @@ def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
 
     exp = config["experiment"]
     students = 0.0
-    for group in method_groups(exp["methods"], exp["share_teacher"]):
+    for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
         peers = sum(config["methods"][m].get("num_peers", 1) for m in group)
         shared = teacher_forward if any(METHODS[m].needs_teacher for m in group) else 0.0
         students += epochs_cost(student_cfg, peers * student_train + shared, peers * student_forward)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ from kd.data import load_image_data
 from kd.metrics import model_cost, prediction_metrics
 from kd.runtime import Runtime, resolve_device, resolve_precision
 from kd.trainer import Evaluation, RunFailed, RunSpec, fit_together
-from models import ModelSpec, build_model, check_image_size, find_stages, model_spec, pair_stages
+from models import ModelSpec, build_model, check_image_size, find_stages, model_spec, num_outputs, pair_stages
 from models.weights import InputStats, ensure_available, input_stats, read_weights_file
 
 log = logging.getLogger("kd")
@@ -36,6 +37,7 @@ class Setup:
     normalization: str    # where the input normalisation comes from, for the plan
     teacher_stats: InputStats | None = None  # what the teacher's weights expect, when they expect something
     teacher_file: tuple[dict, dict | None] | None = None  # (state_dict, meta) of teacher.checkpoint
+    teacher_start: dict | None = None  # its state_dict, checked and fitted to this data's classes
     logs: Path = Path("logs")
     checkpoints: Path = Path("checkpoints")
     stamp: str = ""       # the experiment folder's timestamp, used in TensorBoard run names
@@ -121,8 +123,8 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     teacher_stem = teacher_meta.get("stem") if teacher_meta and teacher_meta.get("stem") in ("cifar", "imagenet") \
         else exp["stem"]
     setup = Setup(config, data, runtime, model_spec(teacher_cfg, data.image_size, teacher_stem),
-                  model_spec(student_cfg, data.image_size, exp["stem"]), normalization, teacher_stats, teacher_file,
-                  Path(exp["logs_dir"]), Path(exp["checkpoints_dir"]))
+                  model_spec(student_cfg, data.image_size, exp["stem"]), normalization, teacher_stats=teacher_stats,
+                  teacher_file=teacher_file, logs=Path(exp["logs_dir"]), checkpoints=Path(exp["checkpoints_dir"]))
     check_models(setup)
     return setup
 
@@ -132,11 +134,15 @@ def check_models(setup: Setup) -> None:
     data, methods = setup.data, setup.config["experiment"]["methods"]
     student_specs = {setup.student_settings(m)[2] for m in methods}
     for spec in [setup.teacher_spec, *student_specs]:
-        stats = input_stats(spec) if spec.weights is not None else None
+        stats = input_stats(spec)
         if stats is not None and data.image_size < stats.min_size:
             raise UserError(f"{spec.name} with weights {spec.weights} needs image_size >= {stats.min_size} "
                             f"(now {data.image_size}): set experiment.image_size")
+        if distributed.is_main():  # one download into the shared cache, then every process reads it
+            ensure_available(spec)
+        distributed.barrier()
         ensure_available(spec)
+        num_outputs(setup.plain(spec))  # a model without a single Linear classifier is refused here
         check_image_size(setup.plain(spec), spec.name, data.image_size)
     teacher = setup.plain(setup.teacher_spec)
     for method in methods:
@@ -148,8 +154,9 @@ def check_models(setup: Setup) -> None:
         if lacking:
             role, name = lacking[0]
             working = [m for m in METHODS if role not in METHODS[m].needs_stages]
-            raise UserError(f"{method} needs feature maps of the {role}, which {name} (a transformer) does not "
-                            f"have: run {', '.join(working)} with it (--methods), or choose a CNN {role}")
+            raise UserError(f"{method} needs feature maps of the {role}, which {name} does not have (a transformer's "
+                            f"patch tokens, or maps the stage probe cannot size): run {', '.join(working)} with it "
+                            f"(--methods), or choose a CNN {role}")
         # built once on the plain models, so that a setting that cannot work stops here (e.g. hint_layer)
         distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings).close()
     teacher.train().requires_grad_(True)  # a Distiller froze it; the estimate times its training step
@@ -159,7 +166,7 @@ def _stage_lines(role: str, spec: ModelSpec, setup: Setup) -> tuple[list[str], l
     model = setup.plain(spec)
     stages = find_stages(model)
     if not stages:
-        return [f"  {role} stages: none (a transformer: patch tokens, no feature maps)"], stages
+        return [f"  {role} stages: none (no feature maps at growing strides, e.g. a transformer)"], stages
     sizes = check_image_size(model, spec.name, setup.data.image_size)
     described = ", ".join(f"{s.module} {s.channels}ch {size}x{size}" for s, size in zip(stages, sizes))
     return [f"  {role} stages at {setup.data.image_size} px: {described}"], stages
@@ -200,7 +207,7 @@ def describe_plan(setup: Setup) -> str:
                           for i, j in pair_stages(student_stages, teacher_stages))
         lines.append(f"  feature pairs (student<-teacher, {how}): {pairs}")
     for spec in (t_spec, s_spec):
-        stats = input_stats(spec) if spec.weights is not None else None
+        stats = input_stats(spec)
         if stats is not None and stats.size and data.image_size < stats.size:
             lines.append(f"note: {spec.name}'s weights were evaluated at {stats.size} px; this run uses "
                          f"{data.image_size} px (experiment.image_size)")
@@ -231,7 +238,8 @@ def complete_record(record: dict, result: dict, evaluation: Evaluation, setup: S
     return record
 
 
-def method_groups(methods: list[str], share_teacher: bool, own_settings=lambda method: {}) -> list[list[str]]:
+def method_groups(methods: list[str], share_teacher: bool,
+                  own_settings: Callable[[str], dict] = lambda method: {}) -> list[list[str]]:
     """The order runs are trained in: with `share_teacher`, all teacher-based methods on the common student
     form one group (trained together where the first of them stands); every other method trains alone."""
     teacher_based = ([m for m in methods if METHODS[m].needs_teacher and not own_settings(m)]

@@ -88,6 +88,7 @@ def aggregate(records: list[dict]) -> list[dict]:
     finished = [r for r in records if r.get("status", "ok") == "ok"]
     methods = sorted(dict.fromkeys(r["method"] for r in finished), key=lambda m: m != "Teacher")
     baseline = {r["seed"]: r["best_accuracy"] for r in finished if r["method"] == "Baseline"}
+    common_baseline = all(r.get("protocol", "common") == "common" for r in finished if r["method"] == "Baseline")
     rows = []
     for method in methods:
         runs = [r for r in finished if r["method"] == method]
@@ -95,9 +96,10 @@ def aggregate(records: list[dict]) -> list[dict]:
         gain, p_value = (None, None) if method in ("Teacher", "Baseline") else paired_comparison(
             {r["seed"]: r["best_accuracy"] for r in runs}, baseline)
         protocol = runs[0].get("protocol", "common")
-        if protocol != "common":
-            p_value = None  # its own student settings: a difference to Baseline is not a method's effect alone
+        if protocol != "common" or not common_baseline:
+            p_value = None  # other student settings: a difference to Baseline is not the method's effect alone
         rows.append({"method": method, "model": runs[0]["model"], "teacher": runs[0]["teacher"], "protocol": protocol,
+                     "comparable": protocol == "common" and common_baseline,
                      "best_accuracy": mean, "training_time": _mean(runs, "training_time"),
                      "epochs": runs[0]["epochs"], "best_accuracy_std": std, "n_seeds": len(runs),
                      **{key: _mean(runs, key) for key in MEAN_COLUMNS},
@@ -164,7 +166,7 @@ def write_results(exp_dir: Path, records: list[dict], summary: dict, final: bool
     write_json(exp_dir / "comparison_results.json", records)
     lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
-    students = [row for row in rows if row["method"] != "Teacher"]
+    students = [row for row in rows if row["method"] != "Teacher" and row["protocol"] == "common"]
     best = max(students, key=lambda row: row["best_accuracy"])["method"] if students else None
     failed = [{"method": r["method"], "seed": r["seed"], "reason": r["reason"]}
               for r in records if r.get("status") == "failed"]

@@ -31,9 +31,10 @@ def verdict(row: dict) -> str:
     if row["method"] in ("Teacher", "Baseline") or gain is None:
         return ""
     points = f"{gain * 100:+.2f} points vs Baseline"
-    if row.get("protocol", "common") != "common":
-        return (f"{points}, but with its own student settings ({row['protocol'].removeprefix('own: ')}), not under "
-                "the common protocol: the difference is not the method's alone, so no p-value is given.")
+    if not row.get("comparable", True):
+        return (f"{points}, but {'it' if row['protocol'] != 'common' else 'Baseline'} trained its own student "
+                "settings, not under the common protocol: the difference is not the method's alone, so no p-value "
+                "is given.")
     if n < 2:
         return (f"{points} from a single seed: not significant, a single run cannot be told apart from "
                 "run-to-run noise (run with `--seeds 0,1,2`).")

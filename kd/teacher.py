@@ -14,8 +14,9 @@ from kd.checkpoint import load_checkpoint
 from kd.config import UserError
 from kd.experiment import Setup, complete_record, file_tag, model_meta
 from kd.trainer import RunSpec, evaluate, fit
-from models import classifier_name, num_outputs, set_classifier
-from models.weights import InputStats, load_state_strictly
+from models import num_outputs, set_classifier
+from models.builders import state_dict_outputs
+from models.weights import InputStats, input_stats, load_state_strictly
 
 log = logging.getLogger("kd")
 
@@ -38,66 +39,71 @@ def _start(setup: Setup) -> dict | None:
 
 
 def external_teacher_state(setup: Setup, fine_tune: bool) -> dict[str, torch.Tensor]:
-    """The state_dict of teacher.checkpoint for this experiment's teacher, checked: classes, input size and
-    architecture must fit (one line each), unless fine-tuning replaces its classifier."""
+    """The state_dict of teacher.checkpoint for this experiment's teacher, checked: library, architecture,
+    input size and classes must fit (one line each), unless fine-tuning replaces its classifier."""
     state, meta = setup.teacher_file
-    path, data = setup.config["teacher"]["checkpoint"], setup.data
+    path, data, spec = setup.config["teacher"]["checkpoint"], setup.data, setup.teacher_spec
     if meta is not None:
-        if meta.get("builder") not in (None, setup.teacher_spec.builder):
-            raise UserError(f"teacher checkpoint '{path}' is a {meta['builder']}, but teacher.model is "
-                            f"{setup.teacher_spec.name}: set teacher.model to {meta['builder']}")
+        saved = (meta.get("source", spec.source), meta.get("builder", spec.builder))
+        if saved != (spec.source, spec.builder):
+            name = f"timm/{saved[1]}" if saved[0] == "timm" else saved[1]
+            raise UserError(f"teacher checkpoint '{path}' is a {name}, but teacher.model is {spec.name}: set "
+                            f"teacher.model to {name}")
         if meta.get("image_size") not in (None, data.image_size):
             raise UserError(f"teacher checkpoint '{path}' was trained at {meta['image_size']} px, this run uses "
                             f"{data.image_size} px: set experiment.image_size to {meta['image_size']}")
-        if not fine_tune and meta.get("class_names") not in (None, data.class_names):
-            raise UserError(f"teacher checkpoint '{path}' knows the classes {', '.join(meta['class_names'][:6])}"
-                            f"{' ...' if len(meta['class_names']) > 6 else ''}, not this data's "
-                            f"{', '.join(data.class_names[:6])}: use a teacher of these classes or fine-tune it "
-                            "(teacher.epochs > 0)")
-    model = setup.build(setup.teacher_spec, with_weights=False)
-    outputs = state.get(f"{classifier_name(model)}.weight")
-    outputs = None if outputs is None else int(outputs.shape[0])
+    other_classes = meta is not None and meta.get("class_names") not in (None, data.class_names)
+    if other_classes and not fine_tune:
+        raise UserError(f"teacher checkpoint '{path}' knows the classes {', '.join(meta['class_names'][:6])}"
+                        f"{' ...' if len(meta['class_names']) > 6 else ''}, not this data's "
+                        f"{', '.join(data.class_names[:6])}: use a teacher of these classes or fine-tune it "
+                        "(teacher.epochs > 0)")
+    model = setup.build(spec, with_weights=False)
+    outputs = state_dict_outputs(state, model)
     if outputs is not None and outputs != len(data.class_names):
         if not fine_tune:
             raise UserError(f"teacher checkpoint '{path}' has {outputs} outputs, this data has "
                             f"{len(data.class_names)} classes: fine-tune it (teacher.epochs > 0) or use a teacher "
                             "of these classes")
         set_classifier(model, outputs)
-    load_state_strictly(model, state, f"teacher checkpoint '{path}'", f"teacher.model {setup.teacher_spec.name}")
+    load_state_strictly(model, state, f"teacher checkpoint '{path}'", f"teacher.model {spec.name}")
     if meta is None and not fine_tune:
         log.warning("Teacher checkpoint %s has no class names (a plain state_dict): only its number of outputs "
                     "(%d) could be checked against the data's classes", path, num_outputs(model))
-    if num_outputs(model) != len(data.class_names):
+    if other_classes or num_outputs(model) != len(data.class_names):
         set_classifier(model, len(data.class_names))  # a new classifier for these classes, drawn from the seed
     return model.state_dict()
+
+
+def _unchanged(path: str | Path, stored: dict) -> None:
+    if _sha256(path) != stored["sha256"]:
+        raise UserError(f"cannot resume: teacher checkpoint '{path}' changed since the experiment started; start "
+                        "a new experiment without --resume")
 
 
 def reusable_teacher(setup: Setup, resume_records: list[dict] | None = None) -> dict | None:
     """The teacher checkpoint to use as it is, or None to train one; a misfit is a UserError.
 
-    teacher.checkpoint with teacher.epochs = 0 is used as it is. Otherwise a teacher counts as finished
-    when its best and final checkpoints come from the same run; a resumed experiment keeps its own teacher
-    (the file must be unchanged) or continues training it. Checked before anything is written, so a
-    mismatch leaves no half-started experiment behind.
+    teacher.checkpoint with teacher.epochs = 0 is used as it is (with epochs > 0 it is checked here and
+    fine-tuned). Otherwise a teacher counts as finished when its best and final checkpoints come from the
+    same run; a resumed experiment keeps its own teacher (the file must be unchanged) or continues training
+    it. Checked before anything is written, so a mismatch leaves no half-started experiment behind.
     """
     cfg = setup.config["teacher"]
-    if cfg["checkpoint"] and cfg["epochs"] == 0:
-        checkpoint = {"model": external_teacher_state(setup, fine_tune=False),
-                      "meta": {"epoch": 0, "training_time": 0.0, "epochs": 0}, "path": cfg["checkpoint"]}
-        stored = next((r for r in resume_records or [] if r["method"] == "Teacher"), None)
-        if stored is not None and _sha256(cfg["checkpoint"]) != stored["sha256"]:
-            raise UserError(f"cannot resume: teacher checkpoint '{cfg['checkpoint']}' changed since the "
-                            "experiment started; start a new experiment without --resume")
-        return checkpoint
+    stored = next((r for r in resume_records or [] if r["method"] == "Teacher"), None)
+    if cfg["checkpoint"]:
+        setup.teacher_start = external_teacher_state(setup, fine_tune=cfg["epochs"] > 0)
+        if cfg["epochs"] == 0:
+            if stored is not None:
+                _unchanged(cfg["checkpoint"], stored)
+            return {"model": setup.teacher_start, "meta": {"epoch": 0, "training_time": 0.0, "epochs": 0},
+                    "path": cfg["checkpoint"]}
     best_path = teacher_path(setup)
     if resume_records is not None:
-        stored = next((r for r in resume_records if r["method"] == "Teacher"), None)
         if stored is None:
             return None  # the teacher's own training was interrupted: it continues from its state
         checkpoint = load_checkpoint(stored["checkpoint"])
-        if _sha256(stored["checkpoint"]) != stored["sha256"]:
-            raise UserError(f"cannot resume: teacher checkpoint '{stored['checkpoint']}' changed since the "
-                            "experiment started; start a new experiment without --resume")
+        _unchanged(stored["checkpoint"], stored)
         return checkpoint
     if setup.config["experiment"]["retrain_teacher"] or not best_path.exists():
         return None
@@ -139,14 +145,15 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[nn.Module, di
     record = {"method": "Teacher", "model": spec.name, "teacher": "None", "seed": seed, "status": "ok",
               "protocol": "common", "checkpoint": str(checkpoint.get("path", best_path)) if checkpoint else str(best_path)}
     torch.manual_seed(seed)
-    stats = setup.teacher_stats
+    # what the teacher's weights expect: its starting weights', or a reused checkpoint's own normalisation
+    stats = input_stats(spec, checkpoint["meta"]) if checkpoint and "mean" in checkpoint["meta"] else setup.teacher_stats
     teacher = setup.runtime.place(setup.build(spec, with_weights=checkpoint is None and not cfg["checkpoint"]))
     if stats is not None and (list(stats.mean), list(stats.std)) != (setup.data.mean, setup.data.std):
         log.info("The teacher's weights expect mean %s std %s: its input is renormalised", stats.mean, stats.std)
         teacher.register_forward_pre_hook(_Renormalize(setup.data.mean, setup.data.std, stats))
     if checkpoint is None:
-        if cfg["checkpoint"]:
-            teacher.load_state_dict(external_teacher_state(setup, fine_tune=True))
+        if setup.teacher_start is not None:
+            teacher.load_state_dict(setup.teacher_start)
         log.info("Training teacher %s for %d epochs", spec.name, cfg["epochs"])
         tag = file_tag(spec.name)
         run_spec = RunSpec("Teacher", cfg, seed, setup.logs / "teachers" / f"{tag}_Teacher_Final_{setup.stamp}",

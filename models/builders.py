@@ -7,7 +7,6 @@ stem; both are repeated by a user who loads a saved checkpoint into the plain li
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from models.errors import ModelError
 TIMM_PREFIX = "timm/"
 SMALL_IMAGE_MAX = 64  # at or below this size a ResNet's ImageNet stem would shrink the image 4x too early
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")  # the torchvision builders that take `stem`
+AUX_LOGITS = ("googlenet", "inception_v3")  # torchvision builders with auxiliary classifiers by default
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,17 @@ def apply_stem(model: nn.Module, stem: str) -> nn.Module:
 
 
 def classifier_name(model: nn.Module) -> str:
-    """The module that gives the logits: timm names it; in torchvision models it is the last Linear."""
+    """The Linear that gives the logits: timm names it; in torchvision models it is the last Linear.
+    Models with another kind of classifier (a convolution, two distilled heads) are refused."""
     if hasattr(model, "pretrained_cfg") and model.pretrained_cfg.get("classifier"):
-        return model.pretrained_cfg["classifier"]
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ModelError(f"{type(model).__name__} has no Linear classifier to replace")
-    return linears[-1]
+        name = model.pretrained_cfg["classifier"]
+    else:
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        name = linears[-1] if linears else None
+    if not isinstance(name, str) or not isinstance(model.get_submodule(name), nn.Linear):
+        raise ModelError(f"{type(model).__name__} has no single Linear classifier (it has {name or 'none'}), which "
+                         "this project replaces for your classes and distils from: choose another model")
+    return name
 
 
 def num_outputs(model: nn.Module) -> int:
@@ -135,12 +139,15 @@ def set_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def _library_model(spec: ModelSpec, num_classes: int) -> nn.Module:
+def library_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     """The library's own model with random weights (its init scheme, from the global RNG)."""
     if spec.source == "timm":
         import timm
         return timm.create_model(spec.builder, pretrained=False, num_classes=num_classes, **timm_size_kwargs(spec))
     kwargs = {"num_classes": num_classes}
+    if spec.builder in AUX_LOGITS:  # one output in training mode, like every other model
+        kwargs.update(aux_logits=False, init_weights=spec.weights is None,
+                      transform_input=spec.weights is not None)  # their weights expect the transform
     if spec.resnet_family:
         kwargs["zero_init_residual"] = spec.zero_init_residual
     if spec.builder.startswith("vit_"):
@@ -154,39 +161,6 @@ def timm_size_kwargs(spec: ModelSpec) -> dict:
     import timm
     cfg = timm.models.get_pretrained_cfg(spec.builder)
     return {"img_size": spec.image_size} if cfg is not None and cfg.fixed_input_size else {}
-
-
-def build_model(spec: ModelSpec, num_classes: int, with_weights: bool = True) -> nn.Module:
-    """The unmodified library model for `spec`, with `num_classes` outputs and the ResNet stem asked for.
-
-    `with_weights` loads the starting weights (`spec.weights`); without it the weights are random, as for
-    a model that will load a saved state next.
-    """
-    if with_weights and spec.weights is not None:
-        from models.weights import pretrained_model
-        model = pretrained_model(spec, num_classes)  # the stem as the weights need it
-    else:
-        model = _library_model(spec, num_classes)
-        if spec.resnet_family:
-            apply_stem(model, spec.stem)
-    model.build_spec = spec  # a plain attribute: not in the state_dict; lets fresh_copy build another
-    return model
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    """Another model like `model` (made by build_model) with a different start, from the global RNG (DML's
-    extra peers): a model from scratch gets the library's random initialisation again; a pretrained one
-    keeps its starting weights and gets a new classifier."""
-    spec = model.build_spec
-    if spec.weights is None:
-        return build_model(spec, num_outputs(model), with_weights=False)
-    return set_classifier(copy.deepcopy(model), num_outputs(model))
-
-
-def build_resnet(arch: str, num_classes: int, stem: str, zero_init_residual: bool = False) -> nn.Module:
-    """A torchvision ResNet ("ResNet18", "ResNet50", ...) with random weights and the given stem."""
-    spec = ModelSpec(arch, "torchvision", arch.lower(), None, stem, zero_init_residual, 0)
-    return build_model(spec, num_classes)
 
 
 def state_dict_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:

@@ -19,7 +19,6 @@ import torch
 import torchvision
 from torch import nn
 
-from models.builders import classifier_name
 from models.errors import ModelError
 
 MAX_STAGES = 4
@@ -227,9 +226,3 @@ class FeatureTap:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def pre_logits_tap(model: nn.Module) -> tuple[FeatureTap, str]:
-    """A tap on the classifier's input (the pooled feature the logits are computed from) and its key."""
-    name = classifier_name(model)
-    return FeatureTap(model, [name], inputs=True), name

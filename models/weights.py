@@ -1,5 +1,6 @@
-"""Starting weights: torchvision's weights through its cache (TORCH_HOME), timm's pretrained tags through
-the Hugging Face cache, or a file (this project's checkpoint, a plain state_dict, a library weights file).
+"""Building a model with its starting weights: torchvision's weights through its cache (TORCH_HOME), timm's
+pretrained tags through the Hugging Face cache, or a file (this project's checkpoint, a plain state_dict, a
+library weights file).
 
 Files are read with `weights_only=True` (or as safetensors). When a library file is missing and cannot be
 downloaded, the error names the file and the folder to put it in.
@@ -12,6 +13,7 @@ import logging
 import os
 import re
 import urllib.parse
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
-from models.builders import ModelSpec, _library_model, set_classifier, state_dict_outputs, timm_size_kwargs
+from models.builders import (AUX_LOGITS, ModelSpec, apply_stem, library_model, num_outputs, set_classifier,
+                             state_dict_outputs, timm_size_kwargs)
 from models.errors import ModelError
 
 log = logging.getLogger("kd.models")
@@ -128,15 +131,14 @@ def _timm_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
     try:
         return timm.create_model(spec.builder, pretrained=True, num_classes=num_classes, **timm_size_kwargs(spec))
     except Exception as err:  # huggingface_hub/http errors when offline and the file is not cached
-        raise ModelError(f"pretrained weights of timm/{spec.builder} are not in the Hugging Face cache and cannot "
-                         f"be downloaded ({_download_reason(err)}): put the repository {repo} (its "
-                         f"model.safetensors) into {constants.HF_HUB_CACHE} (hf download {repo}), or give weights "
-                         "as a file path") from None
+        raise ModelError(f"pretrained weights of timm/{spec.builder} are not in the Hugging Face cache "
+                         f"{constants.HF_HUB_CACHE} and cannot be downloaded ({_download_reason(err)}): copy "
+                         f"model.safetensors from https://huggingface.co/{repo} to this machine and set weights to "
+                         "its path, or fill that cache on a machine with network") from None
 
 
 def pretrained_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     """The library model with `spec.weights` loaded and a new classifier for `num_classes`."""
-    from models.builders import apply_stem
     if spec.source == "timm" and spec.weights is True:
         return _timm_pretrained(spec, num_classes)
     library = torchvision_weights(spec)
@@ -146,7 +148,9 @@ def pretrained_model(spec: ModelSpec, num_classes: int) -> nn.Module:
         path = weights_file(spec)
         state, _ = read_weights_file(path)
         source = f"weights file '{path}'"
-    model = _library_model(spec, num_classes)
+    if spec.builder in AUX_LOGITS:  # built without the auxiliary classifiers
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    model = library_model(spec, num_classes)
     if spec.resnet_family and library is None:
         apply_stem(model, spec.stem)  # a file saved with the CIFAR stem loads into the CIFAR stem
     outputs = state_dict_outputs(state, model)
@@ -168,7 +172,10 @@ def ensure_available(spec: ModelSpec) -> None:
 
 
 def input_stats(spec: ModelSpec, meta: dict | None = None) -> InputStats | None:
-    """The normalisation and sizes the starting weights expect; None for a model trained from scratch."""
+    """The normalisation and sizes the starting weights expect (`meta`: a checkpoint's own); None for a model
+    trained from scratch."""
+    if meta is None and weights_file(spec) is not None:
+        meta = read_weights_file(weights_file(spec))[1]
     if meta is not None and meta.get("mean") is not None:
         return InputStats(tuple(meta["mean"]), tuple(meta["std"]), meta.get("image_size"), 1,
                           "the checkpoint's own meta")
@@ -191,3 +198,35 @@ def input_stats(spec: ModelSpec, meta: dict | None = None) -> InputStats | None:
     transforms = weights.transforms()
     return InputStats(tuple(transforms.mean), tuple(transforms.std), transforms.crop_size[0],
                       weights.meta.get("min_size", (1, 1))[0], origin)
+
+
+def build_model(spec: ModelSpec, num_classes: int, with_weights: bool = True) -> nn.Module:
+    """The unmodified library model for `spec`, with `num_classes` outputs and the ResNet stem asked for.
+
+    `with_weights` loads the starting weights (`spec.weights`); without it the weights are random, as for
+    a model that will load a saved state next.
+    """
+    if with_weights and spec.weights is not None:
+        model = pretrained_model(spec, num_classes)  # the stem as the weights need it
+    else:
+        model = library_model(spec, num_classes)
+        if spec.resnet_family:
+            apply_stem(model, spec.stem)
+    model.build_spec = spec  # a plain attribute: not in the state_dict; lets fresh_copy build another
+    return model
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """Another model like `model` (made by build_model) with a different start, from the global RNG (DML's
+    extra peers): a model from scratch gets the library's random initialisation again; a pretrained one
+    keeps its starting weights and gets a new classifier."""
+    spec = model.build_spec
+    if spec.weights is None:
+        return build_model(spec, num_outputs(model), with_weights=False)
+    return set_classifier(copy.deepcopy(model), num_outputs(model))
+
+
+def build_resnet(arch: str, num_classes: int, stem: str, zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision ResNet ("ResNet18", "ResNet50", ...) with random weights and the given stem."""
+    spec = ModelSpec(arch, "torchvision", arch.lower(), None, stem, zero_init_residual, 0)
+    return build_model(spec, num_classes)

@@ -413,3 +413,38 @@ def test_unknown_model_name_exits_2_on_the_command_line(tmp_path, make_image_fol
     line = _error_line(capsys.readouterr().err)
     assert code == 2 and "mobilenet_v3_small" in line
     _nothing_written(tmp_path / "logs", tmp_path / "ckpt")
+
+
+def test_own_teacher_to_fine_tune_is_checked_before_anything_is_written(tmp_path, own_teacher, make_image_folder,
+                                                                        capsys):
+    # teacher.epochs > 0 fine-tunes the file, but a file of another architecture is refused first, at --check too
+    path, data, needle = _other_architecture(tmp_path, own_teacher, make_image_folder)
+    logs, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    for extra in (["--check"], []):
+        code = run_experiment.cli(_argv(data, logs, ckpt, "--teacher-checkpoint", str(path), "--teacher-epochs", "1",
+                                        *extra))
+        line = _error_line(capsys.readouterr().err)
+        assert code == 2 and str(path) in line and needle in line, line
+        _nothing_written(logs, ckpt)
+
+
+def test_baseline_with_its_own_settings_gives_no_p_values(tmp_path, own_teacher):
+    config = _small_config(tmp_path, methods=["Baseline", "KD"], seeds=[0, 1], data_dir=str(own_teacher["data"]))
+    config["teacher"].update(checkpoint=str(own_teacher["best"]), epochs=0)
+    config["methods"]["Baseline"]["lr"] = 0.05  # the reference itself leaves the common protocol
+    final.main(config)
+    summary = json.loads((_experiment(tmp_path / "logs") / "experiment_summary.json").read_text())
+    assert summary["methods"]["KD"]["p_value_vs_baseline"] is None  # KD is common, Baseline is not
+    assert summary["best_method"] == "KD"  # the best method is chosen among the common protocol's
+
+
+@pytest.mark.parametrize("name, needle", [("squeezenet1_0", "no single Linear classifier"),
+                                          ("inception_v3", "needs feature maps of the student")])
+def test_models_the_methods_cannot_use_are_refused_in_one_line(tmp_path, make_image_folder, capsys, name, needle):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 4, "val": 2})
+    logs, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    argv = _argv(data, logs, ckpt, "--set", f"student.model={name}", "--set", "experiment.image_size=75",
+                 "--methods", "BYOT", "--check")
+    assert run_experiment.cli(argv) == 2
+    assert needle in _error_line(capsys.readouterr().err)
+    _nothing_written(logs, ckpt)

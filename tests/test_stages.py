@@ -257,14 +257,15 @@ def test_resolve_name_timm_typo_lists_close_timm_names():
 # --- 6. the classifier's input --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-def test_pre_logits_tap_is_the_pooled_feature(source):
+def test_classifier_input_tap_is_the_pooled_feature(source):
     if source == "torchvision":
         model, pool_name = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES), "avgpool"
     else:
         model, pool_name = timm.create_model("resnet10t", pretrained=False, num_classes=NUM_CLASSES), "global_pool"
     model.eval()
-    tap, key = models.pre_logits_tap(model)
-    assert key == "fc" == models.classifier_name(model)
+    key = models.classifier_name(model)
+    tap = models.FeatureTap(model, [key], inputs=True)  # BYOT's F_C: the classifier's input
+    assert key == "fc"
     pooled = {}
     handle = model.get_submodule(pool_name).register_forward_hook(
         lambda _m, _args, output: pooled.__setitem__("out", output))
