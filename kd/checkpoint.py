@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from torch import nn
 
 from kd import distributed
 from kd.config import UserError
+from models.errors import error_reason
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -95,9 +95,7 @@ def load_state(path: str | Path, fix: str = "delete it or pass --retrain-teacher
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-        reason = reason[0][:120] if reason else type(err).__name__
-        raise UserError(f"'{path}' is not a readable checkpoint ({reason}): {fix}") from None
+        raise UserError(f"'{path}' is not a readable checkpoint ({error_reason(err)}): {fix}") from None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:

@@ -39,7 +39,9 @@ def random_batch(batch_size: int, image_size: int, classes: int, runtime: Runtim
 
 def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime
                   ) -> Callable[[], None]:
-    """One SGD step of `model` on a fixed batch, taken as the trainer takes it (autocast, fp16 scaler)."""
+    """One SGD step of `model` on a fixed batch, taken as the trainer takes it (autocast, fp16 scaler), with
+    every parameter trained (a model checked as a teacher before may have been frozen)."""
+    model.requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
 

@@ -141,7 +141,8 @@ def check_models(setup: Setup) -> None:
         if distributed.is_main():  # one download into the shared cache, then every process reads it
             ensure_available(spec)
         distributed.barrier()
-        ensure_available(spec)
+        if not distributed.is_main():
+            ensure_available(spec)
         num_outputs(setup.plain(spec))  # a model without a single Linear classifier is refused here
         check_image_size(setup.plain(spec), spec.name, data.image_size)
     teacher = setup.plain(setup.teacher_spec)
@@ -159,7 +160,6 @@ def check_models(setup: Setup) -> None:
                             f"(--methods), or choose a CNN {role}")
         # built once on the plain models, so that a setting that cannot work stops here (e.g. hint_layer)
         distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings).close()
-    teacher.train().requires_grad_(True)  # a Distiller froze it; the estimate times its training step
 
 
 def _stage_lines(role: str, spec: ModelSpec, setup: Setup) -> tuple[list[str], list]:

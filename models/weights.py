@@ -8,6 +8,7 @@ downloaded, the error names the file and the folder to put it in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ from torch import nn
 
 from models.builders import (AUX_LOGITS, ModelSpec, apply_stem, library_model, num_outputs, set_classifier,
                              state_dict_outputs, timm_size_kwargs)
-from models.errors import ModelError
+from models.errors import ModelError, error_reason
 
 log = logging.getLogger("kd.models")
 
@@ -72,9 +73,8 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict |
             return load_file(str(path)), None
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for foreign or damaged files; all mean the same here
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-        raise ModelError(f"'{path}' is not a readable weights file ({reason[0][:120] if reason else type(err).__name__}):"
-                         " give a checkpoint or state_dict saved with torch.save") from None
+        raise ModelError(f"'{path}' is not a readable weights file ({error_reason(err)}): give a checkpoint or "
+                         "state_dict saved with torch.save") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) and isinstance(loaded.get("meta"), dict):
         return loaded["model"], loaded["meta"]
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -171,11 +171,18 @@ def ensure_available(spec: ModelSpec) -> None:
         pretrained_model(spec, 2)
 
 
+@functools.lru_cache(maxsize=16)
+def _file_meta(path: str, modified_ns: int) -> dict | None:
+    """A weights file's project meta, read once per version of the file (the plan asks for it several times)."""
+    return read_weights_file(path)[1]
+
+
 def input_stats(spec: ModelSpec, meta: dict | None = None) -> InputStats | None:
     """The normalisation and sizes the starting weights expect (`meta`: a checkpoint's own); None for a model
     trained from scratch."""
-    if meta is None and weights_file(spec) is not None:
-        meta = read_weights_file(weights_file(spec))[1]
+    path = weights_file(spec) if meta is None else None
+    if path is not None:
+        meta = _file_meta(str(path), path.stat().st_mtime_ns)
     if meta is not None and meta.get("mean") is not None:
         return InputStats(tuple(meta["mean"]), tuple(meta["std"]), meta.get("image_size"), 1,
                           "the checkpoint's own meta")
