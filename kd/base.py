@@ -1,10 +1,12 @@
 """The one `Distiller` interface the trainer knows; each method is a subclass in its own file."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from models import FeatureTap
+from models import FeatureTap, classifier_name
 
 
 class Distiller(nn.Module):
@@ -19,6 +21,7 @@ class Distiller(nn.Module):
     needs_teacher = False  # teacher-based methods get the trained teacher; their column names its arch
     needs_stages: tuple[str, ...] = ()  # "student"/"teacher": models whose feature maps the method reads
     teacher_column = "None"  # the `teacher` column of methods without an external teacher
+    needs_index = False  # the trainer passes each batch's positions in the train split as `indices` (CRD)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
         super().__init__()
@@ -33,6 +36,13 @@ class Distiller(nn.Module):
         with `inputs`, their inputs), removed again by `close()`."""
         self._taps.append(FeatureTap(model, names, inputs))
         return self._taps[-1]
+
+    def tap_pooled(self, model: nn.Module) -> Callable[[], torch.Tensor]:
+        """The pooled feature of `model` after each forward: its classifier's input, flattened (what `fc`
+        sees in a ResNet; the pre-logits of any model)."""
+        name = classifier_name(model)
+        feature_tap = self.tap(model, [name], inputs=True)
+        return lambda: feature_tap[name].flatten(1)
 
     def close(self) -> None:
         """Remove this method's hooks, so the teacher is clean for the next method."""
@@ -53,9 +63,10 @@ class Distiller(nn.Module):
         """Student logits and the weighted loss terms (keys `loss_*`); the trainer sums the terms."""
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, **batch: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The trainer calls the module (so that DDP can wrap it); the work is in forward_train.
-        return self.forward_train(images, targets)
+        return self.forward_train(images, targets, **batch)
 
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's logits for `images`, computed once per batch.
@@ -84,8 +95,22 @@ class Distiller(nn.Module):
         """Method-specific fields for the results record (e.g. DML's per-peer accuracies)."""
         return {}
 
+    @staticmethod
+    def plan_notes(student: nn.Module, teacher: nn.Module) -> list[str]:
+        """Lines for the plan on how the method applies to these models (e.g. a fallback it takes)."""
+        return []
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Called before each training epoch (0-based); FitNets' two-stage mode switches stage here."""
+        """Called before each training epoch (0-based); FitNets' two-stage mode switches stage here, DKD and
+        ReviewKD set their warm-up weight."""
+
+    def loss_weights(self) -> dict[str, float]:
+        """This epoch's loss weights that change over training (warm-ups), for TensorBoard and the history."""
+        return {}
+
+    def attach_data(self, train_labels: torch.Tensor, seed: int) -> None:
+        """Called once before training with the train split's labels and the run's seed, for methods that
+        draw from the whole training set (CRD's negatives and memory)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -92,7 +92,9 @@ class ImageData:
         return math.ceil(self.epoch_images(batch_size) / batch_size)
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
-                      channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This epoch's (images, labels, indices) batches; `indices` are the images' positions in the train
+        split (CRD's memory is kept per training image)."""
         generator = self.epoch_generator(seed, epoch)
         train = self.splits["train"]
         order = torch.randperm(len(train), generator=generator)
@@ -101,9 +103,11 @@ class ImageData:
             order = order[:len(train) // world * world][rank::world]
             generator = self.epoch_generator(seed * world + rank, epoch + 1_000)
         order = order[:self.epoch_images(batch_size)]
-        for images, labels in train.batches(order, batch_size, self.num_workers, device):
+        for start, (images, labels) in zip(range(0, len(order), batch_size),
+                                           train.batches(order, batch_size, self.num_workers, device)):
             images = self.augment(to_device(images, device), generator)
-            yield self.normalize(images, channels_last), to_device(labels, device)
+            indices = to_device(order[start:start + batch_size], device)
+            yield self.normalize(images, channels_last), to_device(labels, device), indices
 
     def eval_indices(self, split: str) -> torch.Tensor:
         """This process's share of a split for evaluation (the whole split when it is alone; empty when

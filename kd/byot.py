@@ -46,8 +46,7 @@ class BYOT(Distiller):
         super().__init__(student, None)
         self.alpha, self.temperature, self.feat_weight = alpha, temperature, feat_weight
         *exits, deepest = find_stages(student)
-        self.classifier_name = classifier_name(student)
-        classifier = student.get_submodule(self.classifier_name)
+        classifier = student.get_submodule(classifier_name(student))
         num_classes, width = classifier.out_features, classifier.in_features
         self.exit_layers = [stage.module for stage in exits]
         # ModuleDict keys cannot hold dots: "features.3" -> "features_3" ("layer1" stays "layer1")
@@ -56,14 +55,14 @@ class BYOT(Distiller):
                                     for key, s in zip(self.exit_keys, exits)})
         self.classifiers = nn.ModuleDict({key: nn.Linear(width, num_classes) for key in self.exit_keys})
         self.features = self.tap(student, self.exit_layers)
-        self.pooled = self.tap(student, [self.classifier_name], inputs=True)  # F_C: what the classifier sees
+        self.pooled = self.tap_pooled(student)  # F_C: what the classifier sees
 
     def _exits(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Logits and pooled features of every exit, shallow -> deepest (the student's own classifier)."""
         deepest_logits = self.student(images)
         feats = [self.heads[key](self.features[name]) for key, name in zip(self.exit_keys, self.exit_layers)]
         logits = [self.classifiers[key](f) for key, f in zip(self.exit_keys, feats)]
-        return logits + [deepest_logits], feats + [self.pooled[self.classifier_name].flatten(1)]
+        return logits + [deepest_logits], feats + [self.pooled()]
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -97,9 +97,20 @@ _METHOD_RULES: dict[str, Rule] = {
     "hint_epochs": ("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
     "hint_layer": ("a stage number >= 1 or the module path of a student stage (e.g. layer2)",
                    lambda v: (_is_int(v) and v >= 1) or (isinstance(v, str) and v.strip() != "")),
+    "tckd_weight": _NON_NEG,
+    "nckd_weight": _NON_NEG,
+    "gamma": _NON_NEG,  # DIST's intra-class weight (the student's `gamma` is StepLR's)
+    "distance_weight": _NON_NEG,
+    "angle_weight": _NON_NEG,
+    "warmup_epochs": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),  # a loss warm-up (DKD, ReviewKD)
+    "standardize": _BOOL,
+    "feat_dim": _POSITIVE_INT,
+    "nce_k": _POSITIVE_INT,
+    "nce_t": _POSITIVE,
+    "nce_m": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
 }
 SECTIONS = {"teacher": _TEACHER_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES}
-STUDENT_KEYS = tuple(_TRAIN_RULES)  # a method's entry may override any of them for its own student
+STUDENT_KEYS = tuple(_TRAIN_RULES)  # a method's entry may override those it does not use itself (see below)
 
 
 def _closest(word: str, choices: list[str]) -> str:
@@ -158,22 +169,28 @@ def validate_methods(methods_cfg: dict, registry: dict[str, type]) -> dict:
     return copy.deepcopy(methods_cfg)
 
 
-def split_method_settings(settings: dict) -> tuple[dict, dict]:
-    """(loss settings, student overrides) of one method's METHODS_CONFIG entry."""
-    return ({k: v for k, v in settings.items() if k not in STUDENT_KEYS},
-            {k: v for k, v in settings.items() if k in STUDENT_KEYS})
+def split_method_settings(settings: dict, loss_keys: list[str]) -> tuple[dict, dict]:
+    """(loss settings, student overrides) of one method's METHODS_CONFIG entry. A key the method's Distiller
+    takes is a loss setting even where a student key has the same name (DKD's `warmup_epochs` warms up its
+    loss, not the lr)."""
+    return ({k: v for k, v in settings.items() if k in loss_keys},
+            {k: v for k, v in settings.items() if k not in loss_keys})
+
+
+def _method_key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
 
 
 def resolve_method_names(names: list[str], registry: dict[str, type]) -> list[str]:
-    """Map case-insensitive method names to the registry's spelling, keeping the given order."""
-    by_lower = {name.lower(): name for name in registry}
+    """Map method names to the registry's spelling, keeping the given order: case-insensitive, `-` for `_`
+    (dkd-ls -> DKD_LS), and `all` for every registered method."""
+    by_key = {_method_key(name): name for name in registry}
     resolved = []
     for name in names:
-        canonical = by_lower.get(str(name).strip().lower())
-        if canonical is None:
-            raise UserError(f"unknown method '{name}': valid methods are {', '.join(registry)}")
-        if canonical not in resolved:
-            resolved.append(canonical)
+        canonical = list(registry) if _method_key(name) == "all" else [by_key.get(_method_key(name))]
+        if canonical == [None]:
+            raise UserError(f"unknown method '{name}': valid methods are {', '.join(registry)} (or all)")
+        resolved += [method for method in canonical if method not in resolved]
     return resolved
 
 

@@ -85,6 +85,16 @@ def sum_all(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` (of one shape on all of them) concatenated along dim 0 in rank order, the same
+    on every process."""
+    if not active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def gather_objects(value):
     """Every process's `value`, in rank order."""
     if not active():

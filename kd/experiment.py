@@ -10,7 +10,7 @@ import torch
 
 from kd import METHODS, distributed
 from kd.batches import ImageData
-from kd.config import UserError, split_method_settings
+from kd.config import UserError, method_keys, split_method_settings
 from kd.data import load_image_data
 from kd.metrics import model_cost, prediction_metrics
 from kd.runtime import Runtime, resolve_device, resolve_precision
@@ -63,14 +63,14 @@ class Setup:
     def student_settings(self, method: str) -> tuple[dict, dict, ModelSpec]:
         """(loss settings, student config, model spec) of a method: the common student unless its entry in
         METHODS_CONFIG overrides student keys."""
-        settings, overrides = split_method_settings(self.config["methods"][method])
+        settings, overrides = split_method_settings(self.config["methods"][method], method_keys(METHODS[method]))
         cfg = {**self.config["student"], **overrides}
         spec = self.student_spec if cfg == self.config["student"] else self.spec(cfg)
         return settings, cfg, spec
 
     def own_settings(self, method: str) -> dict:
         """The student keys a method sets to values other than the common student's (empty: common protocol)."""
-        _, overrides = split_method_settings(self.config["methods"][method])
+        _, overrides = split_method_settings(self.config["methods"][method], method_keys(METHODS[method]))
         return {k: v for k, v in overrides.items() if v != self.config["student"][k]}
 
     def spec(self, model_cfg: dict, stem: str | None = None) -> ModelSpec:
@@ -211,6 +211,9 @@ def describe_plan(setup: Setup) -> str:
         if stats is not None and stats.size and data.image_size < stats.size:
             lines.append(f"note: {spec.name}'s weights were evaluated at {stats.size} px; this run uses "
                          f"{data.image_size} px (experiment.image_size)")
+    student, teacher = setup.plain(s_spec), setup.plain(t_spec)
+    notes = dict.fromkeys(note for method in exp["methods"] for note in METHODS[method].plan_notes(student, teacher))
+    lines += [f"note: {note}" for note in notes]
     for method in exp["methods"]:
         own = setup.own_settings(method)
         if own:

@@ -8,16 +8,34 @@ from kd.checkpoint import write_text
 SIGNIFICANCE = 0.05
 
 IDEAS = {
-    "Teacher": "the network KD, AT and FitNets learn from, trained with cross-entropy.",
+    "Teacher": "the network the teacher-based methods learn from, trained with cross-entropy.",
     "Baseline": "the student trained alone with cross-entropy: the reference every gain is measured against.",
     "KD": "Hinton et al. (2015): the student matches the teacher's temperature-softened class probabilities.",
     "AT": "Zagoruyko & Komodakis (ICLR 2017): the student matches the teacher's spatial attention maps "
           "after each stage.",
-    "FitNets": "Romero et al. (ICLR 2015): a regressor maps the student's features at one stage (the hint) onto the teacher's.",
+    "FitNets": "Romero et al. (ICLR 2015): a regressor maps the student's features at one stage (the hint) "
+               "onto the teacher's.",
     "DML": "Zhang et al. (CVPR 2018): two students learn from the labels and from each other, no teacher; "
            "the accuracy is the mean over peers.",
     "BYOT": "Zhang et al. (ICCV 2019): the network's deepest exit teaches three auxiliary exits (self-distillation); "
             "the accuracy is the deepest exit's.",
+    "DKD": "Zhao et al. (CVPR 2022): KD split into a target-class and a non-target-class term, weighted "
+           "separately, with a warm-up of the distillation weight.",
+    "DIST": "Huang et al. (NeurIPS 2022): the student matches the correlation of its softened predictions with the "
+            "teacher's, per sample across classes and per class across the batch.",
+    "CRD": "Tian et al. (ICLR 2020): contrastive: the student's pooled feature is pulled towards the teacher's for "
+           "the same image and away from the teacher's for images of other classes.",
+    "ReviewKD": "Chen et al. (CVPR 2021): attention-based fusion modules combine each student stage with the deeper "
+                "ones and match the result to the teacher's same stage.",
+    "RKD": "Park et al. (CVPR 2019): the student matches the teacher's distances and angles between the pooled "
+           "features of the samples in a batch.",
+    "SP": "Tung & Mori (ICCV 2019): the student matches the teacher's sample-to-sample similarities of the last "
+          "stage's features within a batch.",
+    "PKT": "Passalis & Tefas (ECCV 2018): the student matches the teacher's distribution of cosine similarities "
+           "between the pooled features of a batch.",
+    "KD_LS": "Sun et al. (CVPR 2024): KD on logits standardized per sample (zero mean, unit std), so the student "
+             "matches the shape of the teacher's logits rather than their scale.",
+    "DKD_LS": "Sun et al. (CVPR 2024): DKD on logits standardized per sample (zero mean, unit std).",
 }
 
 

@@ -119,6 +119,7 @@ class _Run:
     def __init__(self, distiller: Distiller, spec: RunSpec, data: ImageData, runtime: Runtime):
         cfg = spec.train_cfg
         self.distiller, self.spec, self.data, self.runtime = distiller, spec, data, runtime
+        distiller.attach_data(data.splits["train"].labels.cpu(), spec.seed)
         runtime.place(distiller)
         self.model = distributed.wrap(distiller, runtime.device)
         self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -165,15 +166,17 @@ class _Run:
     def start_epoch(self, epoch: int) -> None:
         self.distiller.train()
         self.distiller.start_epoch(epoch, self.spec.train_cfg["epochs"])
+        self.loss_weights = self.distiller.loss_weights()
         self.loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.runtime.device))
         self.correct, self.seen = torch.zeros((), device=self.runtime.device), 0
         self.stopwatch = self.runtime.stopwatch()  # this run's own steps; shared work is timed by the epoch
         self.lr = self.optimizer.param_groups[0]["lr"]
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         self.stopwatch.start()
+        batch = {"indices": indices} if self.distiller.needs_index else {}
         with self.runtime.autocast():
-            logits, losses = self.model(images, labels)
+            logits, losses = self.model(images, labels, **batch)
             loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -205,6 +208,8 @@ class _Run:
                  "train_accuracy": distributed.sum_all(self.correct).item() / images, "images": images,
                  "train_seconds": seconds, "images_per_s": images / seconds, "first_batch_sha256": first_batch,
                  "val": val.accuracies, "score": self.distiller.selection_score(val.accuracies)}
+        if self.loss_weights:
+            entry["loss_weights"] = self.loss_weights
         self.history.append(entry)
         _log_epoch(self.writer, spec, entry)
         progress = self.progress
@@ -298,13 +303,13 @@ def _train_epoch(runs: list[_Run], data: ImageData, seed: int, epoch: int, batch
                    total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
-    for step, (images, labels) in enumerate(batches):
+    for step, (images, labels, indices) in enumerate(batches):
         if first_batch is None:
             first_batch = tensor_digest(images, labels)
         if teacher_user is not None:
             with runtime.autocast():
                 teacher_user.teacher_forward(images)  # cached: each teacher-based run reuses it for this batch
-        losses = [run.step(images, labels) for run in runs]
+        losses = [run.step(images, labels, indices) for run in runs]
         if step % 10 == 0:  # .item() synchronises a GPU: refresh the bar now and then, not every step
             seen = runs[0].seen
             batches.set_postfix(loss="/".join(f"{loss.item():.3f}" for loss in losses),
@@ -322,6 +327,8 @@ def _log_epoch(writer: SummaryWriter, spec: RunSpec, entry: dict) -> None:
     writer.add_scalar("train/loss_total", sum(entry["train_loss"].values()), step)
     writer.add_scalar("train/accuracy", entry["train_accuracy"], step)
     writer.add_scalar("train/lr", entry["lr"], step)
+    for name, value in entry.get("loss_weights", {}).items():
+        writer.add_scalar(f"train/weight_{name}", value, step)
     writer.add_scalar("train/images_per_s", entry["images_per_s"], step)
     for name, value in entry["val"].items():
         writer.add_scalar(f"val/accuracy_{name}", value, step)

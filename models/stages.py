@@ -196,7 +196,8 @@ def pair_stages(student: list[Stage], teacher: list[Stage]) -> list[tuple[int, i
 
 
 class FeatureTap:
-    """Forward hooks that keep the latest outputs (or, with `inputs`, the first inputs) of named modules.
+    """Forward hooks that keep the latest outputs (or, with `inputs`, the first inputs) of named modules (of the
+    module's last call, when it is called several times).
 
     The model itself stays the unmodified library model, so its state_dict loads anywhere.
     """
@@ -217,7 +218,7 @@ class FeatureTap:
 
     def _input_keeper(self, name: str):
         def hook(_module: nn.Module, inputs) -> None:
-            self.outputs[name] = inputs[0]
+            self.outputs[name] = inputs[0].clone()  # an in-place module (a ResNet's ReLU) would overwrite it
         return hook
 
     def __getitem__(self, name: str) -> torch.Tensor:

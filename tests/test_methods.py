@@ -25,7 +25,17 @@ EXPECTED_KEYS = {
     "FitNets": {"loss_ce", "loss_hint"},
     "DML": {"loss_ce", "loss_kl"},
     "BYOT": {"loss_ce", "loss_kd", "loss_feat"},
+    "DKD": {"loss_ce", "loss_dkd"},
+    "DIST": {"loss_ce", "loss_dist"},
+    "CRD": {"loss_ce", "loss_crd"},
+    "ReviewKD": {"loss_ce", "loss_reviewkd"},
+    "RKD": {"loss_ce", "loss_rkd"},
+    "SP": {"loss_ce", "loss_sp"},
+    "PKT": {"loss_ce", "loss_pkt"},
+    "KD_LS": {"loss_ce", "loss_kd"},
+    "DKD_LS": {"loss_ce", "loss_dkd"},
 }
+TRAIN_LABELS = torch.arange(12) % 3  # a training set of 12 images (CRD's memory and negatives)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,7 +85,14 @@ def make_distiller(name: str, seed: int = 0, **overrides):
     student = make_student(seed)
     teacher = make_teacher() if cls.needs_teacher else None
     torch.manual_seed(seed + 1)  # DML's extra peers / BYOT's heads draw from the global RNG
-    return cls(student, teacher, **{**METHODS_CONFIG[name], **overrides})
+    distiller = cls(student, teacher, **{**METHODS_CONFIG[name], **overrides})
+    distiller.attach_data(TRAIN_LABELS, seed)
+    return distiller
+
+
+def batch_extras(distiller) -> dict:
+    """The batch's positions in TRAIN_LABELS, for the methods that ask for them (make_batch's labels)."""
+    return {"indices": torch.tensor([0, 1, 5, 4])} if distiller.needs_index else {}
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +132,7 @@ def test_methods_registry_and_configs():
     assert set(METHODS_CONFIG) == set(kd.METHODS)
     for name, cls in kd.METHODS.items():
         assert issubclass(cls, kd.Distiller)
-    assert {n for n, c in kd.METHODS.items() if c.needs_teacher} == {"KD", "AT", "FitNets"}
+    assert {n for n, c in kd.METHODS.items() if not c.needs_teacher} == {"Baseline", "DML", "BYOT"}
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -147,7 +164,7 @@ def test_one_training_step(name):
 
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     images, targets = make_batch()
-    logits, losses = distiller.forward_train(images, targets)
+    logits, losses = distiller.forward_train(images, targets, **batch_extras(distiller))
     assert logits.shape == (BATCH, NUM_CLASSES)
     assert set(losses) == EXPECTED_KEYS[name]
     for key, value in losses.items():
