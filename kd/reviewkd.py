@@ -100,7 +100,7 @@ class ReviewKD(Distiller):
         stages = [stage.module for stage in find_stages(teacher)]
         if teacher_preactivations(teacher, stages) is None:
             return [f"ReviewKD: {type(teacher).__name__} has no pre-activation reachable by hooks: the teacher's "
-                    "stage outputs (after activation) are used instead"]
+                    "stage outputs are used instead"]
         return ["ReviewKD: the teacher's pre-ReLU stage outputs come from hooks on each stage's last relu"]
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
