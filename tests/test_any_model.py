@@ -26,15 +26,20 @@ from models import build_model, model_spec, num_outputs
 from models.weights import input_stats
 
 SIZE = 32  # ImageNet-stride models (stride 32) keep a 1x1 deepest map at 32 px
+LR = 1e-4  # the one training step's
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 PAIRS = [("resnet50", "mobilenet_v3_small"), ("convnext_tiny", "resnet18"),
          ("efficientnet_b0", "shufflenet_v2_x0_5"), ("timm/test_convnext", "timm/test_efficientnet")]
 VIT_TEACHER = "timm/test_vit"
-FEATURE_METHODS = ("AT", "FitNets")  # they read feature maps, which a ViT does not have
+# they read the teacher's feature maps, which a ViT does not have (SP its last stage, ReviewKD every stage)
+FEATURE_METHODS = ("AT", "FitNets", "SP", "ReviewKD")
 CASES = ([pytest.param(t, s, m, id=f"{t}->{s}-{m}") for t, s in PAIRS for m in METHODS]
          + [pytest.param(VIT_TEACHER, "resnet18", m, id=f"{VIT_TEACHER}->resnet18-{m}")
             for m in METHODS if m not in FEATURE_METHODS])
+TRAIN_LABELS = torch.arange(12) % 3  # the training set CRD's memory and negatives are drawn from
+INDICES = torch.tensor([0, 1, 5, 4])  # the batch's positions in it: labels 0, 1, 2, 1 as its targets
+CRD_NCE_K = 8  # the other classes' 8 images: drawn without replacement
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -110,22 +115,43 @@ def teachers():
     return get
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is several times faster than two fighting over a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_feature_methods_are_those_that_read_the_teachers_stages():
+    assert set(FEATURE_METHODS) == {m for m, cls in METHODS.items() if "teacher" in cls.needs_stages}
+
+
 @pytest.mark.parametrize("teacher_name, student_name, method", CASES)
-def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teachers, teacher_name, student_name,
-                                                                   method):
+def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teachers, one_thread, teacher_name,
+                                                                   student_name, method):
     teacher = teachers(teacher_name)
     torch.manual_seed(1)
     spec = _spec(student_name)
     student = build_model(spec, 3)
     distiller_cls = METHODS[method]
-    distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None,
-                              **copy.deepcopy(final.METHODS_CONFIG[method]))
+    settings = copy.deepcopy(final.METHODS_CONFIG[method])
+    if method == "CRD":
+        settings["nce_k"] = CRD_NCE_K
+    distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)
+    distiller.attach_data(TRAIN_LABELS, 0)  # CRD's memory banks: one row per training image
+    batch = {"indices": INDICES} if distiller_cls.needs_index else {}
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    images, targets = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 1])
+    memory = {k: v.clone() for k, v in distiller.named_buffers() if k.startswith("memory_")}
+    images, targets = torch.randn(4, 3, SIZE, SIZE), TRAIN_LABELS[INDICES]
     try:
         distiller.train()
-        optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
-        logits, losses = distiller.forward_train(images, targets)
+        # a small lr: at random inputs with batch statistics of 4 images, gradients can be large (shufflenet's
+        # first convolution: ~1e5 under PKT's beta 30000 or DKD_LS's weights), and after a step at lr 0.01 the
+        # model's eval outputs overflow to NaN
+        optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=LR, momentum=0.9)
+        logits, losses = distiller.forward_train(images, targets, **batch)
         assert tuple(logits.shape) == (4, 3)
         assert losses and all(key.startswith("loss_") for key in losses)
         loss = sum(losses.values())
@@ -137,7 +163,15 @@ def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teache
         distiller.close()
     if distiller_cls.needs_teacher:  # frozen: eval mode, no gradients
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert any(not torch.equal(start[k], v) for k, v in student.state_dict().items()), "the step changed nothing"
+    assert any(not torch.equal(start[k], v) for k, v in student.named_parameters()), "the step changed nothing"
+    if distiller_cls.needs_index:  # the batch's rows of both memory banks moved (unit rows now), no others
+        assert sorted(memory) == ["memory_s", "memory_t"]
+        for name, before in memory.items():
+            after = getattr(distiller, name)
+            moved = (after != before).any(dim=1)
+            assert moved.nonzero().flatten().tolist() == sorted(INDICES.tolist()), name
+            assert torch.allclose(after[INDICES].norm(dim=1), torch.ones(4), atol=1e-5)
+    assert not any(k.startswith("memory_") for k in student.state_dict())  # never saved with the student
 
     deployable = distiller.deployable_models()
     assert sorted(deployable) == (["_peer0", "_peer1"] if method == "DML" else [""])

@@ -53,6 +53,34 @@ trainer._Run.end_epoch = end_epoch
 """
 
 
+# Each process saves CRD's memory banks (and Z constants, step counter) when they are created and at the end
+# of each epoch, just before rank 0's buffers are broadcast for evaluation (which would make them equal anyway),
+# with the training positions whose rows it updated itself (its own shard, before the all-gather).
+SPY_CRD = """
+import os, torch
+from kd import distributed
+from kd.crd import CRD
+BUFFERS = ("memory_s", "memory_t", "z_s", "z_t", "steps")
+rank, own_rows, epochs = os.environ["RANK"], [], []
+def save(distiller, tag):
+    torch.save({**{k: getattr(distiller, k).clone() for k in BUFFERS}, "own_rows": list(own_rows),
+                "embed_s": distiller.embed_s.weight.detach().clone()}, f"crd_rank{rank}_{tag}.pt")
+original_attach, original_update, original_sync = CRD.attach_data, CRD._update_memory, distributed.sync_buffers
+def attach_data(self, labels, seed):
+    original_attach(self, labels, seed)
+    save(self, "init")
+def update_memory(self, v_s, v_t, indices):
+    own_rows.extend(indices.tolist())
+    return original_update(self, v_s, v_t, indices)
+def sync_buffers(module):
+    if isinstance(module, CRD):
+        epochs.append(1)
+        save(module, f"epoch{len(epochs)}")
+    original_sync(module)
+CRD.attach_data, CRD._update_memory, distributed.sync_buffers = attach_data, update_memory, sync_buffers
+"""
+
+
 def _torchrun(tmp_path: Path, data: Path, patch: str, *extra: str, methods: str = "Baseline"
               ) -> subprocess.CompletedProcess:
     """A 2-process CPU job of run_experiment.py's command line, with `patch` run first in each process."""
@@ -121,3 +149,31 @@ def test_a_failure_on_one_process_ends_the_job(tmp_path, make_image_folder):
     assert done.returncode != 0
     assert done.stderr.count("cannot read image 'shard1.png' (simulated)") == 1  # the real error, once
     assert "[rank0]: Traceback" not in done.stderr  # the other process stops without a traceback of its own
+
+
+def test_torchrun_crd_memory_is_the_same_on_every_process(tmp_path, make_image_folder):
+    """Each process updates CRD's memory rows of the whole batch (its own shard and the other's, all-gathered),
+    so the banks, Z constants and step counters stay identical; the negatives differ, drawn per rank."""
+    data = make_image_folder(tmp_path / "data", per_class={"train": 10, "val": 3})  # 15 images per shard
+    done = _torchrun(tmp_path, data, SPY_CRD, "--set", "methods.CRD.nce_k=16", methods="CRD")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (exp_dir,) = (tmp_path / "logs").glob("final_experiment_*")
+    records = json.loads((exp_dir / "comparison_results.json").read_text())
+    assert [(r["method"], r["status"]) for r in records] == [("Teacher", "ok"), ("CRD", "ok")]
+    assert records[1]["history"][0]["images"] == 30
+
+    init, after = ([torch.load(tmp_path / f"crd_rank{rank}_{tag}.pt") for rank in (0, 1)] for tag in ("init", "epoch1"))
+    for name in ("memory_s", "memory_t", "z_s", "z_t", "steps"):
+        assert torch.equal(init[0][name], init[1][name]), name  # drawn alike from the run's seed
+        assert torch.equal(after[0][name], after[1][name]), name  # and updated alike, before any broadcast
+    assert torch.equal(after[0]["embed_s"], after[1]["embed_s"])  # DDP: the embeddings train alike too
+    assert int(after[0]["steps"]) == 4  # 15 images a shard in batches of 4: 4, 4, 4, 3
+    assert float(after[0]["z_s"]) > 0 and float(after[0]["z_t"]) > 0
+    shards = [after[rank]["own_rows"] for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 15 and sorted(shards[0] + shards[1]) == list(range(30))
+    for rank in (0, 1):
+        for name in ("memory_s", "memory_t"):
+            moved = (after[rank][name] != init[rank][name]).any(dim=1)
+            for shard in shards:  # this process's rows and the other process's rows
+                assert moved[shard].all(), (rank, name)
+            assert torch.allclose(after[rank][name].norm(dim=1), torch.ones(30), atol=1e-5)  # unit rows now

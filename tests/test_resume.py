@@ -1,6 +1,6 @@
 """Resume after kill -9: finished runs are kept, interrupted runs continue from their last epoch (KD and
-AT train together, sharing the teacher: both continue), and the records equal those of an uninterrupted
-run (same settings, same machine)."""
+AT train together, sharing the teacher: both continue; so do CRD, with its memory banks and seeded negatives,
+and DKD in its warm-up), and the records equal those of an uninterrupted run (same settings, same machine)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_experiment
 from kd import runtime, trainer
+from kd.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "test_accuracy",
@@ -108,6 +110,65 @@ checkpoint.atomic_write = dying_write
 import run_experiment
 sys.exit(run_experiment.cli(sys.argv[1:]))
 """
+
+
+def _argv_crd_dkd(base: Path, data: Path) -> list[str]:
+    """CRD and DKD trained together (one teacher), 3 epochs: CRD's memory banks, Z constants and step counter
+    (which seeds its negatives) and DKD's warm-up (1/3, 2/3, 1 with warmup_epochs 3) all span the cut."""
+    return [*_argv(base, data), "--methods", "CRD,DKD", "--teacher-epochs", "1", "--student-epochs", "3",
+            "--set", "methods.CRD.nce_k=16", "--set", "methods.DKD.warmup_epochs=3"]  # later flags win
+
+
+def _essentials_with_losses(records: list[dict]) -> list[dict]:
+    """_essentials plus each epoch's loss terms and loss weights."""
+    return [essentials | {"losses": [h["train_loss"] for h in r.get("history", [])],
+                          "weights": [h.get("loss_weights") for h in r.get("history", [])]}
+            for essentials, r in zip(_essentials(records), records)]
+
+
+def _cli_one_thread(argv: list[str], cwd: Path) -> int:
+    """run_experiment.cli in this process with one intra-op thread, as the subprocesses run (OMP_NUM_THREADS=1):
+    the same floating-point order, without a second start of Python and torch."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(cwd)
+            torch.set_num_threads(1)
+            return run_experiment.cli(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_crd_dkd(tmp_path_factory, make_image_folder):
+    """An uninterrupted CRD + DKD experiment (in this process, with one thread)."""
+    base = tmp_path_factory.mktemp("reference_crd_dkd")
+    data = make_image_folder(base / "data", per_class={"train": 8, "val": 3, "test": 2})
+    assert _cli_one_thread(_argv_crd_dkd(base, data), base) == 0
+    return data, _essentials_with_losses(_records(base))
+
+
+def test_sigkill_during_crd_and_dkd_then_resume(tmp_path, reference_crd_dkd):
+    data, expected = reference_crd_dkd
+    assert [r["method"] for r in expected] == ["Teacher", "CRD", "DKD"]
+    assert expected[2]["weights"] == [{"dkd": 1 / 3}, {"dkd": 2 / 3}, {"dkd": 1.0}]  # the warm-up spans the cut
+    assert {"loss_ce", "loss_crd"} <= set(expected[1]["losses"][0])
+
+    argv = _argv_crd_dkd(tmp_path, data)
+    _signal_when_state_exists(argv, tmp_path, "DKD").wait()  # DKD saves after CRD: both have an epoch saved
+    assert [r["method"] for r in _records(tmp_path)] == ["Teacher"]  # both were cut off mid-run
+    resume_dir = next((tmp_path / "logs").glob("final_experiment_*/resume"))
+    states = {method: load_state(resume_dir / f"{method}_seed0.pt") for method in ("CRD", "DKD")}
+    for state in states.values():
+        assert 1 <= len(state["progress"]["history"]) < 3  # cut after its first epoch, before its last
+    crd = states["CRD"]["distiller"]  # the memory banks and the step counter are part of the saved state
+    assert {"memory_s", "memory_t", "z_s", "z_t", "steps"} <= set(crd)
+    assert int(crd["steps"]) == 3 * len(states["CRD"]["progress"]["history"])  # 24 images, batch 8
+    assert float(crd["z_s"]) > 0 and float(crd["z_t"]) > 0  # fixed on the first step, kept across the cut
+
+    assert _cli_one_thread([*argv, "--resume"], tmp_path) == 0  # the killed process's epochs, continued here
+    assert _essentials_with_losses(_records(tmp_path)) == expected
+    assert not list((tmp_path / "logs").glob("final_experiment_*/resume"))
 
 
 def test_sigkill_while_a_checkpoint_is_written_then_resume(tmp_path, reference):
