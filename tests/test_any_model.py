@@ -115,13 +115,6 @@ def teachers():
     return get
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_feature_methods_are_those_that_read_the_teachers_stages():

@@ -14,6 +14,8 @@ import kd
 from final import METHODS_CONFIG
 from models import apply_stem, build_resnet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # a torchvision ResNet's stages
 
 NUM_CLASSES, BATCH, SIZE = 3, 4, 8
@@ -39,13 +41,6 @@ TRAIN_LABELS = torch.arange(12) % 3  # a training set of 12 images (CRD's memory
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and a busy CPU cannot stall the thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _TEACHER_CACHE: list[torch.nn.Module] = []

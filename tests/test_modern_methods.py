@@ -28,6 +28,8 @@ from kd.hinton import kd_loss
 from kd.reviewkd import ReviewKD, teacher_preactivations
 from models import FeatureTap, apply_stem, build_model, build_resnet, classifier_name, find_stages, model_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
 NEW_METHODS = ("DKD", "DIST", "CRD", "ReviewKD", "RKD", "SP", "PKT", "KD_LS", "DKD_LS")
 ALL_METHODS = ("Baseline", "KD", "AT", "FitNets", "DML", "BYOT", *NEW_METHODS)
 DEFAULT_METHODS = ["Baseline", "KD", "AT", "FitNets", "DML", "BYOT"]
@@ -41,13 +43,6 @@ EXTRA_MODULE_PREFIXES = ("embed", "memory", "abfs", "z_s", "z_t", "steps", "teac
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and a busy CPU cannot stall the thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_batch(seed: int = 0, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,8 @@ from kd.runtime import Runtime
 from kd.trainer import RunSpec, fit_together
 from models import build_resnet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
 # the records test: KD, AT, FitNets, and newer methods of each kind (logits with a warm-up, pooled features
 # with memory banks and per-image indices, pre-activation stage inputs with a warm-up)
 TEACHER_BASED = ["KD", "AT", "FitNets", "DKD", "CRD", "ReviewKD"]
@@ -25,15 +27,6 @@ ALL_TEACHER_BASED = [name for name, cls in METHODS.items() if cls.needs_teacher]
 CRD_NCE_K = 16  # negatives per anchor: no more than the other classes' images (20 and 16 here), none repeated
 COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "student_init_sha256",
             "first_batch_sha256", "nll", "ece")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and a busy CPU cannot stall the thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _essentials(records: list[dict]) -> list[dict]:
