@@ -197,13 +197,16 @@ class _Run:
         images = self.seen * distributed.world_size()
         losses = {name: distributed.sum_all(value).item() / images for name, value in self.loss_sums.items()}
         if not all(math.isfinite(v) for v in losses.values()):
-            self.failure = RunFailed(f"{spec.name} (seed {spec.seed}) diverged in epoch {epoch + 1}: loss "
-                                     f"{losses}; try a lower lr or --precision fp32")
+            self._diverged(epoch, f"loss {losses}")
             return
         seconds = self.stopwatch.seconds() + shared_seconds
         started = time.perf_counter()
         distributed.sync_buffers(self.distiller)  # evaluate (and save) rank 0's BatchNorm statistics
         val = evaluate(self.distiller, self.data, "val", cfg["batch_size"], self.runtime)
+        if not torch.isfinite(val.probs).all():
+            # the epoch's last step can turn weights non-finite after a finite loss: its outputs show it
+            self._diverged(epoch, "its val outputs are not finite")
+            return
         entry = {"epoch": epoch + 1, "lr": self.lr, "train_loss": losses,
                  "train_accuracy": distributed.sum_all(self.correct).item() / images, "images": images,
                  "train_seconds": seconds, "images_per_s": images / seconds, "first_batch_sha256": first_batch,
@@ -222,6 +225,10 @@ class _Run:
             _save(self.distiller, spec, "best", epoch + 1, progress["best_score"], progress["elapsed"])
         if spec.resume_path is not None:
             save_state(spec.resume_path, self._state())
+
+    def _diverged(self, epoch: int, evidence: str) -> None:
+        self.failure = RunFailed(f"{self.spec.name} (seed {self.spec.seed}) diverged in epoch {epoch + 1}: "
+                                 f"{evidence}; try a lower lr or --precision fp32")
 
     def test_score(self) -> float | None:
         """The method's score on test/ now (never used to select an epoch); None without a test split."""

@@ -215,6 +215,18 @@ def test_diverging_run_is_recorded_as_failed_and_others_go_on(capsys, folder, tm
     assert "Baseline" in csv and "\nAT," not in csv
 
 
+def test_run_whose_weights_turn_non_finite_after_a_finite_loss_is_recorded_as_failed(capsys, folder, tmp_path):
+    # one step per epoch (18 images, batch 32): the loss is computed before the step, so only the
+    # evaluation can see that lr 1e30 left the weights non-finite
+    code, _, err = _cli(capsys, "--data", str(folder), "--methods", "Baseline", "--set", "student.lr=1e30",
+                        "--logs-dir", str(tmp_path / "logs"), "--checkpoints-dir", str(tmp_path / "ckpt"),
+                        *_fast("--batch-size", "32"))
+    assert code == 1
+    assert "Baseline (seed 0) diverged in epoch 1: its val outputs are not finite" in err
+    records = json.loads(next((tmp_path / "logs").glob("final_experiment_*/comparison_results.json")).read_text())
+    assert {r["method"]: r["status"] for r in records} == {"Teacher": "ok", "Baseline": "failed"}
+
+
 def test_experiments_started_in_the_same_second_get_their_own_folders(tmp_path):
     from kd.report import create_experiment_dir
 
