@@ -28,14 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train (or load) a teacher, then students with Baseline, KD, AT, FitNets, DML and "
-                            "BYOT under the same conditions, and compare them. Any torchvision or timm model.",
+    p = _Parser(description="Train (or load) a teacher, then students with Baseline and the distillation "
+                            "methods (KD, AT, FitNets, DML, BYOT, DKD, DIST, CRD, ReviewKD ...) under the same "
+                            "conditions, and compare them. Any torchvision or timm model.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true",
                    help="run on scikit-learn's bundled digits (exported to data/digits/), with a quick preset")
     p.add_argument("--data", metavar="DIR", help="data folder with train/ and val/ (optional test/); default: data")
-    p.add_argument("--methods", metavar="A,B", help="comma-separated methods to run, case-insensitive "
-                                                    "(Baseline, KD, AT, FitNets, DML, BYOT); default: all")
+    p.add_argument("--methods", metavar="A,B", help="comma-separated methods to run, case-insensitive, or all; "
+                                                    "default: Baseline, KD, AT, FitNets, DML, BYOT")
     p.add_argument("--seeds", metavar="0,1,2", help="comma-separated seeds; every method runs once per seed")
     p.add_argument("--teacher-epochs", type=int, metavar="N", help="teacher training epochs")
     p.add_argument("--student-epochs", type=int, metavar="N", help="student training epochs (every method)")
