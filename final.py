@@ -12,11 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from kd import METHODS, distributed
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
-from kd.estimate import describe_estimate, estimate_seconds
+from kd.estimate import describe_estimate, estimate_seconds, time_steps
 from kd.experiment import describe_plan, method_groups, prepare, run_methods
+from kd.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
 from kd.resume import first_difference, kept_precision
 from kd.teacher import obtain_teacher, reusable_teacher
@@ -96,6 +98,8 @@ EXPERIMENT_CONFIG = {
     "retrain_teacher": False,     # train a new teacher even if a fitting checkpoint exists
     "skip_bad_images": False,     # warn about unreadable images and go on without them
     "share_teacher": True,        # train the teacher-based methods together, one teacher forward per batch
+    "parallel": "data",           # under torchrun: "data" (DDP: each run over all processes) | "runs" (whole
+                                  # runs per process, from a queue; see README, "Performance")
 }
 
 # `--demo`: scikit-learn's digits, small enough for a 2-core CPU, through the very same code path.
@@ -199,9 +203,17 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     if distributed.is_main():
         print(describe_plan(setup))
     saved_teacher = reusable_teacher(setup, resume_records=records if resume else None)
+    spread = distributed.spreads_runs()
+    # timed steps for the estimate (--check) and the queue of --parallel runs, on rank 0
+    timed = distributed.is_main() and (check_only or spread)
+    times = time_steps(setup, train_teacher=saved_teacher is None) if timed else None
+    if spread:
+        units = queue(setup, records if resume else [], times)
+        devices = distributed.gather_objects(device_text(setup.runtime.device))
     if check_only:
         if distributed.is_main():
-            print(describe_estimate(estimate_seconds(setup, train_teacher=saved_teacher is None), setup))
+            print(describe_spread(setup, units, times, devices) if spread
+                  else describe_estimate(estimate_seconds(setup, times), setup))
         print("check passed: data and config are valid; nothing was trained")
         return []
     setup.planned()
@@ -213,23 +225,39 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     setup_logging(exp_dir / "final_experiment.log")
     log.info("Experiment folder: %s%s", exp_dir, " (resumed)" if resume else "")
     started = time.perf_counter() - summary.get("total_time", 0.0)
-    try:
-        teacher, teacher_record = obtain_teacher(setup, saved_teacher)
+    resume_hint = f"Finished runs are saved; continue with: python run_experiment.py --resume {exp_dir}"
+
+    def teacher_done(teacher_record: dict) -> None:
         if not records:
             records.append(teacher_record)
             summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
                                   "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
         _finish_run(setup, records, summary, ["Teacher"], records[0]["seed"], started)
-        for seed in exp["seeds"]:
-            for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
-                # runs finished before an interruption are kept
-                group = [m for m in group if not any(r["method"] == m and r["seed"] == seed for r in records)]
-                if group:
-                    records.extend(run_methods(group, seed, setup, teacher))
-                    _finish_run(setup, records, summary, group, seed, started)
+
+    def unit_done(unit: Unit, unit_records: list[dict], process: int) -> None:
+        log.info("%s finished on process %d: %s", unit, process,
+                 ", ".join(f"{r['method']} {r['status']}" for r in unit_records))
+        records.extend(unit_records)
+        _finish_run(setup, records, summary, [], unit.seed, started)
+
+    try:
+        if spread:
+            stop_on_sigterm()
+            train_spread(setup, saved_teacher, units, resume_hint, teacher_done, unit_done)
+            if not distributed.is_main():
+                return records  # rank 0 writes the results
+        else:
+            teacher, teacher_record = obtain_teacher(setup, saved_teacher)
+            teacher_done(teacher_record)
+            for seed in exp["seeds"]:
+                for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
+                    # runs finished before an interruption are kept
+                    group = [m for m in group if not any(r["method"] == m and r["seed"] == seed for r in records)]
+                    if group:
+                        records.extend(run_methods(group, seed, setup, teacher))
+                        _finish_run(setup, records, summary, group, seed, started)
     except KeyboardInterrupt:
-        log.error("Interrupted. Finished runs are saved; continue with: python run_experiment.py --resume %s",
-                  exp_dir)
+        log.error("Interrupted. %s", resume_hint)
         raise
     summary["finished"] = True
     leftover = exp_dir / "resume"
@@ -246,10 +274,20 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     return records
 
 
+def _plan_order(exp: dict, setup) -> Callable[[dict], int]:
+    """Sort key of records: the teacher, then seed by seed the methods in training order."""
+    order = {(method, seed): i for i, (seed, method) in enumerate(
+        (seed, method) for seed in exp["seeds"]
+        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings) for method in group)}
+    return lambda record: -1 if record["method"] == "Teacher" else order[(record["method"], record["seed"])]
+
+
 def _finish_run(setup, records: list[dict], summary: dict, names: list[str], seed: int, started: float) -> None:
     """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
     runs' resume state: from here on they count as finished."""
     summary["total_time"] = time.perf_counter() - started
+    # in plan order, however the runs were spread over processes or interrupted and resumed
+    records.sort(key=_plan_order(setup.config["experiment"], setup))
     write_results(setup.exp_dir, records, summary)
     for name in names:
         setup.resume_path(name, seed).unlink(missing_ok=True)

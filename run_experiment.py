@@ -15,6 +15,7 @@ EPILOG = """examples:
   python run_experiment.py --demo --seeds 0,1,2    # three seeds: mean ± std and paired tests
   python run_experiment.py --report logs/final_experiment_20260101_120000   # redraw its report
   python run_experiment.py --set student.lr=0.05 --set methods.KD.temperature=2
+  torchrun --nproc_per_node=4 run_experiment.py --parallel runs --seeds 0,1,2   # one whole run per GPU
 
 The settings themselves live in the dicts at the top of final.py.
 Results: logs/final_experiment_YYYYMMDD_HHMMSS/; curves: tensorboard --logdir logs/
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a new teacher even if checkpoints/teachers/ holds one that fits")
     p.add_argument("--no-share-teacher", action="store_true",
                    help="train the teacher-based methods one by one, each with its own teacher forward")
+    p.add_argument("--parallel", choices=["data", "runs"],
+                   help="under torchrun: data (each run split over all processes, DDP) or runs (each process "
+                        "trains whole runs, from a queue); default: data")
     p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
     p.add_argument("--check", action="store_true", help="check data and config, print the plan, train nothing")
     p.add_argument("--report", metavar="EXPERIMENT_DIR",
@@ -95,7 +99,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
              ("experiment", "logs_dir"): args.logs_dir, ("experiment", "checkpoints_dir"): args.checkpoints_dir,
              ("experiment", "retrain_teacher"): args.retrain_teacher or None,
              ("experiment", "skip_bad_images"): args.skip_bad_images or None,
-             ("experiment", "share_teacher"): False if args.no_share_teacher else None}
+             ("experiment", "share_teacher"): False if args.no_share_teacher else None,
+             ("experiment", "parallel"): args.parallel}
     for (section, key), value in flags.items():
         if value is not None:
             config[section][key] = value

@@ -7,6 +7,8 @@ Steps, each in its own process with a time limit, in a scratch folder (nothing i
              images from disk (cache_max_gb=0: DataLoader workers, pinned memory)
   resume     Baseline and KD killed (SIGKILL) after KD's first epoch, then --resume, against the same
              experiment uninterrupted
+  parallel   python bench/parallel.py --quick --device cuda --layouts 1,2,4: 4 demo runs one at a time
+             against 2 and 4 sharing the GPU (--parallel runs)
 It prints one summary table, appends it to bench/RESULTS.md with the GPU's name, writes it to
 `--out` (default bench/gpu_check_logs/) with every step's log, and exits 1 if any step failed.
 `--steps demo,resume` runs only the steps named.
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = 480  # every step's time limit is cut to what is left of this: the whole check ends within 8 minutes
+BUDGET_S = 600  # every step's time limit is cut to what is left of this: the whole check ends within 10 minutes
 DEMO = [sys.executable, str(REPO / "run_experiment.py"), "--demo", "--device", "cuda"]
 
 
@@ -145,6 +147,16 @@ def check_resume(check: Check) -> None:
         for a, b in zip(resumed, whole)))
 
 
+def check_parallel(check: Check) -> None:
+    done = check.run("parallel", [sys.executable, str(REPO / "bench" / "parallel.py"), "--quick", "--device", "cuda",
+                                  "--layouts", "1,2,4"], timeout=180)
+    if done is None:
+        return
+    layouts = json.loads(done.stdout.strip().splitlines()[-1])["layouts"]
+    check.row("parallel", True, "4 runs on one GPU, " + ", ".join(
+        f"{row['processes']} at a time {row['wall_s']} s ({row['speedup']}x)" for row in layouts))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "gpu_check_logs")
@@ -181,7 +193,8 @@ def main() -> int:
     return 1 if check.failed else 0
 
 
-STEPS = {"demo": check_demo, "throughput": check_throughput, "torchrun": check_torchrun, "resume": check_resume}
+STEPS = {"demo": check_demo, "throughput": check_throughput, "torchrun": check_torchrun, "resume": check_resume,
+         "parallel": check_parallel}
 
 if __name__ == "__main__":
     sys.exit(main())

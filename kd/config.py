@@ -80,6 +80,7 @@ _EXPERIMENT_RULES: dict[str, Rule] = {
     "retrain_teacher": _BOOL,
     "skip_bad_images": _BOOL,
     "share_teacher": _BOOL,
+    "parallel": ("data or runs", lambda v: v in ("data", "runs")),
 }
 # Method settings are checked by name; which names a method accepts comes from its Distiller.
 _METHOD_RULES: dict[str, Rule] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -65,13 +66,17 @@ def forward_pass(model: nn.Module, images: torch.Tensor, runtime: Runtime) -> Ca
     return forward
 
 
-def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
-    """Estimated seconds of the teacher's training (0 when a saved one is reused) and of all student runs.
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of one batch, timed on the run's device, precision, batch size and image size."""
+    teacher_train: float    # 0 when the teacher is not trained
+    teacher_forward: float  # at the students' batch size
+    student_train: float
+    student_forward: float
 
-    A method's step counts one student step (DML: one per peer); methods trained together share one
-    teacher forward per batch; every epoch adds a forward pass over this process's share of the val
-    split. Extra modules (regressors, exit heads) are small and not counted.
-    """
+
+def time_steps(setup: Setup, train_teacher: bool) -> StepTimes:
+    """A few steps of each model timed (the teacher's training step only when it will be trained)."""
     config, data, runtime = setup.config, setup.data, setup.runtime
     teacher_cfg, student_cfg = config["teacher"], config["student"]
     classes = len(data.class_names)
@@ -82,32 +87,56 @@ def estimate_seconds(setup: Setup, train_teacher: bool) -> dict[str, float]:
     try:
         teacher = runtime.place(setup.plain(setup.teacher_spec))
         student = runtime.place(setup.plain(setup.student_spec))
-        teacher_train = (seconds_per_call(training_step(teacher, *batch(teacher_cfg), runtime), runtime)
-                         if train_teacher else 0.0)
-        teacher_forward = seconds_per_call(forward_pass(teacher, batch(student_cfg)[0], runtime), runtime)
-        student_train = seconds_per_call(training_step(student, *batch(student_cfg), runtime), runtime)
-        student_forward = seconds_per_call(forward_pass(student, batch(student_cfg)[0], runtime), runtime)
+        return StepTimes(
+            seconds_per_call(training_step(teacher, *batch(teacher_cfg), runtime), runtime) if train_teacher else 0.0,
+            seconds_per_call(forward_pass(teacher, batch(student_cfg)[0], runtime), runtime),
+            seconds_per_call(training_step(student, *batch(student_cfg), runtime), runtime),
+            seconds_per_call(forward_pass(student, batch(student_cfg)[0], runtime), runtime))
     except torch.OutOfMemoryError:
         raise UserError(f"{runtime.device} ran out of memory timing a training step for the estimate: try a "
                         f"smaller --batch-size (now {student_cfg['batch_size']})") from None
 
-    def epochs_cost(cfg: dict, step: float, forward: float) -> float:
-        val_batches = math.ceil(data.counts["val"] / distributed.world_size() / cfg["batch_size"])
-        return cfg["epochs"] * (data.steps_per_epoch(cfg["batch_size"]) * step + val_batches * forward)
 
-    exp = config["experiment"]
-    students = 0.0
-    for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
-        peers = sum(config["methods"][m].get("num_peers", 1) for m in group)
-        shared = teacher_forward if any(METHODS[m].needs_teacher for m in group) else 0.0
-        students += epochs_cost(student_cfg, peers * student_train + shared, peers * student_forward)
-    return {"teacher": epochs_cost(teacher_cfg, teacher_train, teacher_forward) if train_teacher else 0.0,
-            "students": students * len(exp["seeds"])}
+def _epochs_seconds(setup: Setup, cfg: dict, step: float, forward: float) -> float:
+    data = setup.data
+    val_batches = math.ceil(data.counts["val"] / distributed.world_size() / cfg["batch_size"])
+    return cfg["epochs"] * (data.steps_per_epoch(cfg["batch_size"]) * step + val_batches * forward)
+
+
+def teacher_seconds(setup: Setup, times: StepTimes) -> float:
+    if not times.teacher_train:
+        return 0.0
+    return _epochs_seconds(setup, setup.config["teacher"], times.teacher_train, times.teacher_forward)
+
+
+def group_seconds(setup: Setup, times: StepTimes, methods: list[str] | tuple[str, ...]) -> float:
+    """One seed of methods trained together: a method's step counts one student step (DML: one per peer),
+    and they share one teacher forward per batch."""
+    config = setup.config
+    peers = sum(config["methods"][m].get("num_peers", 1) for m in methods)
+    shared = times.teacher_forward if any(METHODS[m].needs_teacher for m in methods) else 0.0
+    return _epochs_seconds(setup, config["student"], peers * times.student_train + shared,
+                           peers * times.student_forward)
+
+
+def estimate_seconds(setup: Setup, times: StepTimes) -> dict[str, float]:
+    """Estimated seconds of the teacher's training (0 when a saved one is reused) and of all student runs.
+
+    Every epoch adds a forward pass over this process's share of the val split. Extra modules
+    (regressors, exit heads) are small and not counted.
+    """
+    exp = setup.config["experiment"]
+    groups = method_groups(exp["methods"], exp["share_teacher"], setup.own_settings)
+    return {"teacher": teacher_seconds(setup, times),
+            "students": sum(group_seconds(setup, times, group) for group in groups) * len(exp["seeds"])}
+
+
+def as_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def describe_estimate(seconds: dict[str, float], setup: Setup) -> str:
-    def minutes(value: float) -> str:
-        return f"{value / 60:.1f} min" if value >= 60 else f"{value:.1f} s"
+    minutes = as_minutes
     teacher = minutes(seconds["teacher"]) if seconds["teacher"] else "reused"
     return (f"estimated time: ~{minutes(seconds['teacher'] + seconds['students'])} (teacher {teacher}, "
             f"students {minutes(seconds['students'])}), from timed training steps on {setup.runtime.device} "

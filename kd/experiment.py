@@ -95,7 +95,7 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     """Pick device and precision, check/load the data set and check both models for a validated config
     (`decode_all`: read every image once even when the set is too big to keep in memory, as --check does)."""
     exp, teacher_cfg, student_cfg = config["experiment"], config["teacher"], config["student"]
-    device = resolve_device(distributed.init(exp["device"]))
+    device = resolve_device(distributed.init(exp["device"], exp["parallel"]))
     runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed image and batch sizes: pick the fastest kernels
     teacher_file = read_weights_file(teacher_cfg["checkpoint"]) if teacher_cfg["checkpoint"] else None

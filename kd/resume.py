@@ -13,7 +13,7 @@ log = logging.getLogger("kd")
 
 # Settings that do not change results on the same machine; everything else must match to resume.
 FREE_TO_CHANGE = {"device", "num_workers", "cache_max_gb", "logs_dir", "checkpoints_dir", "retrain_teacher",
-                  "skip_bad_images", "share_teacher"}
+                  "skip_bad_images", "share_teacher", "parallel"}
 
 
 def find_unfinished(logs_dir: Path, which: str | None) -> tuple[Path, list[dict], dict]:

@@ -50,6 +50,11 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def empty_cache(self) -> None:
+        """Give the memory a failed run held back to the device (only a GPU caches it)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def stopwatch(self) -> Stopwatch:
         return Stopwatch(self.device)
 

@@ -137,6 +137,22 @@ class _Renormalize:
         return (images * self.scale.to(images.device) + self.shift.to(images.device), *inputs[1:])
 
 
+def build_teacher(setup: Setup, checkpoint: dict | None) -> nn.Module:
+    """The teacher model, taking this experiment's normalised images: with `checkpoint`'s weights, or without
+    one with its starting weights (to be trained)."""
+    spec = setup.teacher_spec
+    # what the teacher's weights expect: its starting weights', or a reused checkpoint's own normalisation
+    stats = input_stats(spec, checkpoint["meta"]) if checkpoint and "mean" in checkpoint["meta"] else setup.teacher_stats
+    with_weights = checkpoint is None and not setup.config["teacher"]["checkpoint"]
+    teacher = setup.runtime.place(setup.build(spec, with_weights=with_weights))
+    if stats is not None and (list(stats.mean), list(stats.std)) != (setup.data.mean, setup.data.std):
+        log.info("The teacher's weights expect mean %s std %s: its input is renormalised", stats.mean, stats.std)
+        teacher.register_forward_pre_hook(_Renormalize(setup.data.mean, setup.data.std, stats))
+    if checkpoint is not None:
+        teacher.load_state_dict(checkpoint["model"])
+    return teacher
+
+
 def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[nn.Module, dict]:
     """Use the given teacher `checkpoint` (a reused or the user's own), else train one; return it and its record."""
     cfg, spec = setup.config["teacher"], setup.teacher_spec
@@ -145,12 +161,7 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[nn.Module, di
     record = {"method": "Teacher", "model": spec.name, "teacher": "None", "seed": seed, "status": "ok",
               "protocol": "common", "checkpoint": str(checkpoint.get("path", best_path)) if checkpoint else str(best_path)}
     torch.manual_seed(seed)
-    # what the teacher's weights expect: its starting weights', or a reused checkpoint's own normalisation
-    stats = input_stats(spec, checkpoint["meta"]) if checkpoint and "mean" in checkpoint["meta"] else setup.teacher_stats
-    teacher = setup.runtime.place(setup.build(spec, with_weights=checkpoint is None and not cfg["checkpoint"]))
-    if stats is not None and (list(stats.mean), list(stats.std)) != (setup.data.mean, setup.data.std):
-        log.info("The teacher's weights expect mean %s std %s: its input is renormalised", stats.mean, stats.std)
-        teacher.register_forward_pre_hook(_Renormalize(setup.data.mean, setup.data.std, stats))
+    teacher = build_teacher(setup, checkpoint)
     if checkpoint is None:
         if setup.teacher_start is not None:
             teacher.load_state_dict(setup.teacher_start)
@@ -158,17 +169,17 @@ def obtain_teacher(setup: Setup, checkpoint: dict | None) -> tuple[nn.Module, di
         tag = file_tag(spec.name)
         run_spec = RunSpec("Teacher", cfg, seed, setup.logs / "teachers" / f"{tag}_Teacher_Final_{setup.stamp}",
                            setup.checkpoints / "teachers" / f"{tag}_teacher",
-                           {**model_meta(spec, setup, stats), "config": cfg, "epochs": cfg["epochs"],
+                           {**model_meta(spec, setup, setup.teacher_stats), "config": cfg, "epochs": cfg["epochs"],
                             "run": setup.stamp, "start": _start(setup)}, setup.resume_path("Teacher", seed))
         result, _ = fit(Baseline(teacher), setup.data, run_spec, setup.runtime)
         record["reused"] = False
         distributed.barrier()  # rank 0 has written the checkpoint the others read now
         checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
+        teacher.load_state_dict(checkpoint["model"])
     else:
         meta = checkpoint["meta"]
         result = {"best_epoch": meta["epoch"], "training_time": meta["training_time"], "epochs": meta["epochs"]}
         record["reused"] = True
-    teacher.load_state_dict(checkpoint["model"])
     scores = {split: evaluate(Baseline(teacher), setup.data, split, cfg["batch_size"], setup.runtime)
               for split in setup.data.splits if split != "train"}
     if record["reused"]:

@@ -290,8 +290,13 @@ def fit_together(jobs: list[tuple[Distiller, RunSpec]], data: ImageData, runtime
                 break
             _train_epoch(active, data, seed, epoch, batch_size, runtime)
     except torch.OutOfMemoryError:
-        raise UserError(f"{runtime.device} ran out of memory training {name}: try a smaller "
-                        f"--batch-size (now {batch_size}) or --device cpu") from None
+        message = (f"{runtime.device} ran out of memory training {name}: try a smaller --batch-size (now "
+                   f"{batch_size}), fewer processes per GPU (--parallel runs) or --device cpu")
+        if distributed.active():  # the other processes of this run would wait for this one forever
+            raise UserError(message) from None
+        runtime.empty_cache()  # the runs after these get the memory back
+        for run in runs:
+            run.failure = run.failure or RunFailed(message)
     finally:
         for run in runs:
             run.writer.close()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import run_experiment
@@ -225,6 +226,20 @@ def test_run_whose_weights_turn_non_finite_after_a_finite_loss_is_recorded_as_fa
     assert "Baseline (seed 0) diverged in epoch 1: its val outputs are not finite" in err
     records = json.loads(next((tmp_path / "logs").glob("final_experiment_*/comparison_results.json")).read_text())
     assert {r["method"]: r["status"] for r in records} == {"Teacher": "ok", "Baseline": "failed"}
+
+
+def test_run_out_of_memory_is_recorded_as_failed_and_others_go_on(capsys, folder, tmp_path, monkeypatch):
+    from kd.at import AT
+
+    def out_of_memory(self, images, targets, **batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(AT, "forward_train", out_of_memory)
+    code, _, err = _cli(capsys, "--data", str(folder), "--methods", "AT,Baseline", "--no-share-teacher",
+                        "--logs-dir", str(tmp_path / "logs"), "--checkpoints-dir", str(tmp_path / "ckpt"), *_fast())
+    assert code == 1
+    assert "cpu ran out of memory training AT: try a smaller --batch-size (now 8)" in err
+    records = json.loads(next((tmp_path / "logs").glob("final_experiment_*/comparison_results.json")).read_text())
+    assert {r["method"]: r["status"] for r in records} == {"Teacher": "ok", "AT": "failed", "Baseline": "ok"}
 
 
 def test_experiments_started_in_the_same_second_get_their_own_folders(tmp_path):

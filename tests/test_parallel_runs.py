@@ -1,0 +1,154 @@
+"""--parallel runs under torchrun (CPU, gloo, one thread per process): each process trains whole runs from a
+queue, and every record equals the one a single process writes with the same seeds; a killed process ends
+the job, and --resume (with any number of processes) trains only the runs that did not finish."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kd.sweep import Unit, spread_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What differs between two runs of the same training: clocks, and where the files are.
+UNTIMED = {"training_time", "images_per_s", "train_seconds", "latency_ms", "sha256", "checkpoint"}
+
+# Process 1 dies as kill -9 would when it takes its second unit, once rank 0 has written the teacher's and
+# the first unit's records.
+KILL_RANK_1 = """
+import glob, json, os, signal, time
+from kd import sweep
+original, taken = sweep.run_methods, []
+def written():
+    return sum(len(json.load(open(f))) for f in glob.glob("logs/final_experiment_*/comparison_results.json"))
+def run_methods(*args):
+    taken.append(1)
+    if os.environ["RANK"] == "1" and len(taken) == 2:
+        while written() < 2:
+            time.sleep(0.1)
+        open("killed_at", "w").write(str(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args)
+sweep.run_methods = run_methods
+"""
+
+
+def _argv(base: Path, data: Path, methods: str = "Baseline,KD,DML", seeds: str = "0,1") -> list[str]:
+    return ["--data", str(data), "--methods", methods, "--seeds", seeds, "--teacher-epochs", "1",
+            "--student-epochs", "2", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
+            "--set", "teacher.model=ResNet18", "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8",
+            "--logs-dir", str(base / "logs"), "--checkpoints-dir", str(base / "checkpoints")]
+
+
+def _launch(base: Path, argv: list[str], processes: int | None, patch: str = "") -> subprocess.CompletedProcess:
+    """run_experiment.py's command line with one thread per process: alone, or under torchrun."""
+    (base / "driver.py").write_text(patch + "\nimport sys, run_experiment\nsys.exit(run_experiment.cli(sys.argv[1:]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = ([sys.executable] if processes is None else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
+    return subprocess.run([*launcher, str(base / "driver.py"), *argv], cwd=base, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _records(base: Path) -> list[dict]:
+    (exp_dir,) = (base / "logs").glob("final_experiment_*")
+    return json.loads((exp_dir / "comparison_results.json").read_text())
+
+
+def _untimed(value):
+    """A record (or part of one) without the keys that clocks and paths decide."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in UNTIMED}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, make_image_folder):
+    base = tmp_path_factory.mktemp("one_process")
+    data = make_image_folder(base / "data", per_class={"train": 8, "val": 3})
+    done = _launch(base, _argv(base, data), processes=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, _records(base)
+
+
+def test_two_processes_train_whole_runs_with_the_records_of_one(tmp_path, one_process):
+    data, expected = one_process
+    done = _launch(tmp_path, [*_argv(tmp_path, data), "--parallel", "runs"], processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _records(tmp_path)
+    assert [(r["method"], r["seed"]) for r in records] == [(r["method"], r["seed"]) for r in expected]
+    assert _untimed(records) == _untimed(expected)
+    assert {r["method"] for r in expected} == {"Teacher", "Baseline", "KD", "DML"} and len(expected) == 7
+    # both processes trained: the teacher and some units on rank 0, the rest on rank 1
+    log = next((tmp_path / "logs").glob("final_experiment_*/final_experiment.log")).read_text()
+    assert log.count("finished on process ") == 6
+    assert "finished on process 0" in log and "finished on process 1" in log
+    assert done.stdout.count("KNOWLEDGE DISTILLATION COMPARISON RESULTS") == 1  # rank 0 alone writes
+    students = {p.name for p in (tmp_path / "checkpoints" / "students").glob("*_best.pth")}
+    assert {"Baseline_ResNet18_seed1_best.pth", "KD_ResNet18_seed0_best.pth",
+            "DML_ResNet18_seed1_peer1_best.pth"} <= students
+
+
+def test_a_killed_process_ends_the_job_and_resume_trains_only_the_rest(tmp_path, one_process):
+    data, expected = one_process
+    argv = [*_argv(tmp_path, data), "--parallel", "runs"]
+    killed = _launch(tmp_path, argv, processes=2, patch=KILL_RANK_1)
+    assert killed.returncode != 0
+    assert time.time() - float((tmp_path / "killed_at").read_text()) < 60 + 1  # not a 30-minute timeout
+    assert "continue with: python run_experiment.py --resume" in killed.stderr
+    finished = [(r["method"], r["seed"]) for r in _records(tmp_path)]
+    assert finished[0] == ("Teacher", 0) and 1 < len(finished) < 7
+
+    resumed = _launch(tmp_path, [*argv, "--resume"], processes=None)  # any number of processes: here one
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trained = [(m, int(seed)) for m, seed in re.findall(r"student (\w+) with .* \(seed (\d+)\)", resumed.stderr)]
+    assert sorted(trained) == sorted({(r["method"], r["seed"]) for r in expected} - set(finished))
+    assert _untimed(_records(tmp_path)) == _untimed(expected)
+
+
+def test_more_processes_than_units_leave_one_idle_without_a_hang(tmp_path, make_image_folder):
+    data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
+    argv = [*_argv(tmp_path, data, methods="KD,AT"), "--parallel", "runs"]
+    checked = _launch(tmp_path, [*argv, "--check"], processes=3)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "parallel runs: 3 processes on cpu, 1 thread(s) (x3)" in checked.stdout
+    assert "queue, first taken first: KD+AT seed 0" in checked.stdout and "estimated wall time" in checked.stdout
+
+    started = time.monotonic()
+    done = _launch(tmp_path, argv, processes=3)  # KD and AT share the teacher: one unit per seed, two units
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 300
+    assert [(r["method"], r["seed"], r["status"]) for r in _records(tmp_path)] == [
+        ("Teacher", 0, "ok"), ("KD", 0, "ok"), ("AT", 0, "ok"), ("KD", 1, "ok"), ("AT", 1, "ok")]
+
+
+def test_the_queue_wall_time_goes_to_the_process_free_first():
+    units = [Unit(0, ("KD", "AT"), 30.0), Unit(1, ("KD", "AT"), 30.0), Unit(0, ("Baseline",), 10.0),
+             Unit(1, ("Baseline",), 10.0)]
+    assert spread_seconds(units, 1, 5.0) == 5.0 + 80.0
+    assert spread_seconds(units, 2, 5.0) == 5.0 + 40.0  # 30 + 10 on each
+    assert spread_seconds(units, 3, 0.0) == 30.0  # the third process takes both Baselines
+    assert spread_seconds(units, 8, 0.0) == 30.0  # idle processes cost nothing
+
+
+def test_large_messages_travel_through_the_store_in_pieces(monkeypatch):
+    import torch.distributed as dist
+
+    from kd import sweep
+
+    monkeypatch.setattr(sweep, "STORE_PIECE", 1000)
+    store = dist.HashStore()
+    data = os.urandom(2500)
+    sweep._put(store, "teacher", data)
+    assert store.get("teacher") == b"3" and sweep._get(store, "teacher") == data
+    sweep._put(store, "empty", b"")
+    assert sweep._get(store, "empty") == b""
