@@ -210,10 +210,11 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     if spread:
         units = queue(setup, records if resume else [], times)
         devices = distributed.gather_objects(device_text(setup.runtime.device))
+        if distributed.is_main():  # also when training: the queue and its estimate are part of the plan
+            print(describe_spread(setup, units, times, devices))
     if check_only:
-        if distributed.is_main():
-            print(describe_spread(setup, units, times, devices) if spread
-                  else describe_estimate(estimate_seconds(setup, times), setup))
+        if distributed.is_main() and not spread:
+            print(describe_estimate(estimate_seconds(setup, times), setup))
         print("check passed: data and config are valid; nothing was trained")
         return []
     setup.planned()

@@ -228,5 +228,9 @@ def train_spread(setup: Setup, saved_teacher: dict | None, units: list[Unit], re
 def stop_on_sigterm() -> None:
     """torchrun stops the other processes with SIGTERM when one fails: on rank 0 that is an interruption,
     which says where the finished runs are and how to continue (the others end silently)."""
+    def stopped(_signum: int, _frame) -> None:
+        log.error("Stopped by torchrun: another process of this job ended (torchrun's report below names it)")
+        raise KeyboardInterrupt
+
     if distributed.job_rank() == 0:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stopped)

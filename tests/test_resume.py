@@ -24,7 +24,7 @@ COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "
 
 
 def _argv(base: Path, data: Path) -> list[str]:
-    return ["--data", str(data), "--methods", "Baseline,KD,AT", "--teacher-epochs", "2", "--student-epochs", "4",
+    return ["--data", str(data), "--methods", "Baseline,KD,AT", "--teacher-epochs", "2", "--student-epochs", "3",
             "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--set", "teacher.model=ResNet18",
             "--set", "experiment.image_size=8", "--logs-dir", str(base / "logs"),
             "--checkpoints-dir", str(base / "checkpoints")]
@@ -43,8 +43,11 @@ def _essentials(records: list[dict]) -> list[dict]:
 def _start(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     code = driver or "import sys, run_experiment; sys.exit(run_experiment.cli(sys.argv[1:]))"
+    # Ctrl-C must reach the child as KeyboardInterrupt even when pytest itself runs with SIGINT ignored
+    # (a background job of a non-interactive shell), which the child would inherit
     return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _run(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.CompletedProcess:
@@ -191,7 +194,7 @@ def test_resume_refuses_changed_settings_and_nothing_to_resume(tmp_path, referen
     argv = _argv(tmp_path, data)
     _signal_when_state_exists(argv, tmp_path, "Baseline").wait()
     assert run_experiment.cli([*argv, "--resume", "--student-epochs", "7"]) == 2
-    assert "student.epochs was 4, now 7" in capsys.readouterr().err
+    assert "student.epochs was 3, now 7" in capsys.readouterr().err
     assert run_experiment.cli([*argv, "--resume"]) == 0
     capsys.readouterr()
     assert run_experiment.cli([*argv, "--resume"]) == 2
