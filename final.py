@@ -202,8 +202,11 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
         setup.runtime = kept_precision(setup.runtime, summary["environment"]["precision"], exp_dir)
     if distributed.is_main():
         print(describe_plan(setup))
-    saved_teacher = reusable_teacher(setup, resume_records=records if resume else None)
     spread = distributed.spreads_runs()
+    # spread over processes, only rank 0 looks for a saved teacher: the others get it from rank 0, and
+    # on other machines the file need not exist
+    saved_teacher = (reusable_teacher(setup, resume_records=records if resume else None)
+                     if distributed.is_main() or not spread else None)
     # timed steps for the estimate (--check) and the queue of --parallel runs, on rank 0
     timed = distributed.is_main() and (check_only or spread)
     times = time_steps(setup, train_teacher=saved_teacher is None) if timed else None
