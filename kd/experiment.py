@@ -110,7 +110,7 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
         image_size = expected.size
     data = load_image_data(exp["data_dir"], image_size, exp["hflip"], exp["cache_max_gb"],
                            exp["num_workers"], exp["skip_bad_images"], decode_all)
-    processes = distributed.world_size()
+    processes = 1 if distributed.spreads_runs() else distributed.world_size()  # processes sharing a run
     if data.counts["train"] // processes < 2:  # BatchNorm trains on batches of at least 2 images
         raise UserError(f"the train split has {data.counts['train']} image(s), too few for {processes} "
                         "process(es): each needs at least 2; add images or start fewer processes")
