@@ -136,8 +136,7 @@ def as_minutes(seconds: float) -> str:
 
 
 def describe_estimate(seconds: dict[str, float], setup: Setup) -> str:
-    minutes = as_minutes
-    teacher = minutes(seconds["teacher"]) if seconds["teacher"] else "reused"
-    return (f"estimated time: ~{minutes(seconds['teacher'] + seconds['students'])} (teacher {teacher}, "
-            f"students {minutes(seconds['students'])}), from timed training steps on {setup.runtime.device} "
+    teacher = as_minutes(seconds["teacher"]) if seconds["teacher"] else "reused"
+    return (f"estimated time: ~{as_minutes(seconds['teacher'] + seconds['students'])} (teacher {teacher}, "
+            f"students {as_minutes(seconds['students'])}), from timed training steps on {setup.runtime.device} "
             f"({setup.runtime.precision}); a rough guide")
