@@ -42,7 +42,7 @@ sweep.run_methods = run_methods
 
 def _argv(base: Path, data: Path, methods: str = "Baseline,KD,DML", seeds: str = "0,1") -> list[str]:
     return ["--data", str(data), "--methods", methods, "--seeds", seeds, "--teacher-epochs", "1",
-            "--student-epochs", "2", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
+            "--student-epochs", "1", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
             "--set", "teacher.model=ResNet18", "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8",
             "--logs-dir", str(base / "logs"), "--checkpoints-dir", str(base / "checkpoints")]
 
