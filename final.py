@@ -17,7 +17,7 @@ from typing import Callable
 from kd import METHODS, distributed
 from kd.config import UserError, resolve_method_names, validate_methods, validate_section
 from kd.estimate import describe_estimate, estimate_seconds, time_steps
-from kd.experiment import describe_plan, method_groups, prepare, run_methods
+from kd.experiment import Setup, describe_plan, groups_to_train, prepare, run_methods
 from kd.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
 from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
 from kd.resume import first_difference, kept_precision
@@ -188,7 +188,7 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     """
     setup_logging()
     setup = prepare(validate_config(config if config is not None else default_config()), decode_all=check_only)
-    config, exp = setup.config, setup.config["experiment"]
+    config = setup.config
     if resume is not None:
         exp_dir, records, summary = resume
         difference = first_difference(summary["config"], config)
@@ -253,13 +253,9 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
         else:
             teacher, teacher_record = obtain_teacher(setup, saved_teacher)
             teacher_done(teacher_record)
-            for seed in exp["seeds"]:
-                for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
-                    # runs finished before an interruption are kept
-                    group = [m for m in group if not any(r["method"] == m and r["seed"] == seed for r in records)]
-                    if group:
-                        records.extend(run_methods(group, seed, setup, teacher))
-                        _finish_run(setup, records, summary, group, seed, started)
+            for seed, group in groups_to_train(setup, records):  # runs finished before an interruption are kept
+                records.extend(run_methods(group, seed, setup, teacher))
+                _finish_run(setup, records, summary, group, seed, started)
     except KeyboardInterrupt:
         log.error("Interrupted. %s", resume_hint)
         raise
@@ -278,20 +274,19 @@ def main(config: dict | None = None, check_only: bool = False, resume: tuple[Pat
     return records
 
 
-def _plan_order(exp: dict, setup) -> Callable[[dict], int]:
+def _plan_order(setup: Setup) -> Callable[[dict], int]:
     """Sort key of records: the teacher, then seed by seed the methods in training order."""
     order = {(method, seed): i for i, (seed, method) in enumerate(
-        (seed, method) for seed in exp["seeds"]
-        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings) for method in group)}
+        (seed, method) for seed, group in groups_to_train(setup) for method in group)}
     return lambda record: -1 if record["method"] == "Teacher" else order[(record["method"], record["seed"])]
 
 
-def _finish_run(setup, records: list[dict], summary: dict, names: list[str], seed: int, started: float) -> None:
+def _finish_run(setup: Setup, records: list[dict], summary: dict, names: list[str], seed: int, started: float) -> None:
     """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
     runs' resume state: from here on they count as finished."""
     summary["total_time"] = time.perf_counter() - started
     # in plan order, however the runs were spread over processes or interrupted and resumed
-    records.sort(key=_plan_order(setup.config["experiment"], setup))
+    records.sort(key=_plan_order(setup))
     write_results(setup.exp_dir, records, summary)
     for name in names:
         setup.resume_path(name, seed).unlink(missing_ok=True)

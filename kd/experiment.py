@@ -256,6 +256,20 @@ def method_groups(methods: list[str], share_teacher: bool,
     return groups
 
 
+def groups_to_train(setup: Setup, records: list[dict] = ()) -> list[tuple[int, list[str]]]:
+    """Seed by seed, the methods trained together (`method_groups`) in training order, less the runs that
+    `records` already hold (finished before an interruption)."""
+    exp = setup.config["experiment"]
+    finished = {(r["method"], r["seed"]) for r in records}
+    todo = []
+    for seed in exp["seeds"]:
+        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
+            group = [m for m in group if (m, seed) not in finished]
+            if group:
+                todo.append((seed, group))
+    return todo
+
+
 def run_methods(methods: list[str], seed: int, setup: Setup, teacher: torch.nn.Module) -> list[dict]:
     """Train one student per method (several in one pass over the data) and return their records.
 

@@ -30,7 +30,7 @@ from torch import nn
 from kd import distributed
 from kd.checkpoint import load_checkpoint
 from kd.estimate import StepTimes, as_minutes, group_seconds, teacher_seconds
-from kd.experiment import Setup, method_groups, run_methods
+from kd.experiment import Setup, groups_to_train, run_methods
 from kd.teacher import build_teacher, obtain_teacher, teacher_path
 
 log = logging.getLogger("kd")
@@ -54,16 +54,11 @@ class Unit:
         return f"{'+'.join(self.methods)} seed {self.seed}"
 
 
-def plan_units(setup: Setup, finished: set[tuple[str, int]], times: StepTimes) -> list[Unit]:
-    """The runs still to train, as units in queue order: the most expensive first (a long unit started
-    last would keep the job waiting on one process)."""
-    exp = setup.config["experiment"]
-    units = []
-    for seed in exp["seeds"]:
-        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
-            todo = tuple(m for m in group if (m, seed) not in finished)
-            if todo:
-                units.append(Unit(seed, todo, group_seconds(setup, times, todo)))
+def plan_units(setup: Setup, records: list[dict], times: StepTimes) -> list[Unit]:
+    """The runs that `records` do not hold yet, as units in queue order: the most expensive first (a long
+    unit started last would keep the job waiting on one process)."""
+    units = [Unit(seed, tuple(group), group_seconds(setup, times, group))
+             for seed, group in groups_to_train(setup, records)]
     return sorted(units, key=lambda unit: -unit.seconds)
 
 
@@ -71,9 +66,8 @@ def queue(setup: Setup, records: list[dict], times: StepTimes | None) -> list[Un
     """The units still to train, ordered by rank 0 from its timed steps (`times`), the same on every process."""
     units = None
     if distributed.is_main():
-        finished = {(r["method"], r["seed"]) for r in records if r["method"] != "Teacher"}
         with distributed.alone():  # a unit's cost as one process trains it: all of each split
-            units = plan_units(setup, finished, times)
+            units = plan_units(setup, records, times)
     return distributed.broadcast_object(units)
 
 
