@@ -6,7 +6,9 @@ a relative default such as data/, logs/ or checkpoints/ can never touch the repo
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,16 @@ def _make_image_folder(root, classes=("a", "b", "c"), per_class=None, size=8, se
 def make_image_folder():
     """The folder writer as a fixture: make_image_folder(root, classes=..., per_class=..., size=...)."""
     return _make_image_folder
+
+
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory) -> Iterator[Path]:
+    """A folder for the experiment that one module's tests share, removed when the module is done: each
+    such experiment writes hundreds of MB of checkpoints, and the whole suite's together would fill a disk.
+    (Each test's own tmp_path goes when the test passes: tmp_path_retention_policy in pytest.ini.)"""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -312,9 +312,9 @@ def test_timm_weights_from_a_file_load_with_a_new_head(tmp_path):
 # --- 3. bring your own teacher --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def own_teacher(tmp_path_factory, make_image_folder) -> dict:
+def own_teacher(module_dir, make_image_folder) -> dict:
     """A first experiment that trains a ResNet18 teacher (2 epochs); its best checkpoint is "your" teacher."""
-    base = tmp_path_factory.mktemp("own_teacher")
+    base = module_dir
     make_image_folder(base / "data", per_class={"train": 6, "val": 4})
     config = _small_config(base)
     config["teacher"]["epochs"] = 2

@@ -14,8 +14,8 @@ from models import build_model, build_resnet, model_spec
 
 
 @pytest.fixture(scope="module")
-def two_seed_records(tmp_path_factory, make_image_folder):
-    base = tmp_path_factory.mktemp("fairness")
+def two_seed_records(module_dir, make_image_folder):
+    base = module_dir
     # 24 images: whole batches of 8. With 18 the last batch holds 2 images, whose BatchNorm statistics at
     # layer4's 1x1 make features ~1e8, and SP's and PKT's students turn non-finite (recorded as failed)
     make_image_folder(base / "data", per_class={"train": 8, "val": 2})

@@ -655,12 +655,12 @@ LOSS_KEYS = {"DKD": {"loss_ce", "loss_dkd"}, "DIST": {"loss_ce", "loss_dist"}, "
 
 
 @pytest.fixture(scope="module")
-def nine_run(tmp_path_factory, make_image_folder):
+def nine_run(module_dir, make_image_folder):
     """One experiment: a ResNet18 teacher, then the nine new methods trained together for one epoch of two
     steps (9 train images, batch 4: the last image would make a batch of one and is left out). The teacher's
     lr is 0.01: after one epoch at 0.1 its eval-mode BatchNorm statistics lag so far behind its weights that
     its features reach 1e8, which no student should be asked to match."""
-    base = tmp_path_factory.mktemp("nine")
+    base = module_dir
     data = make_image_folder(base / "data", per_class={"train": 3, "val": 1})
     methods = "DKD,DIST,CRD,ReviewKD,RKD,SP,PKT,kd-ls,DKD_LS"
     code = run_experiment.cli(["--data", str(data), "--methods", methods, "--teacher-epochs", "1",

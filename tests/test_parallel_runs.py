@@ -72,8 +72,8 @@ def _untimed(value):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, make_image_folder):
-    base = tmp_path_factory.mktemp("one_process")
+def one_process(module_dir, make_image_folder):
+    base = module_dir
     data = make_image_folder(base / "data", per_class={"train": 8, "val": 3})
     done = _launch(base, _argv(base, data), processes=None)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -53,9 +53,9 @@ def _assert_plain_types(value, where="meta"):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_image_folder):
+def world(module_dir, make_image_folder):
     """One first run (teacher + Baseline, 1 epoch each) shared by the tests of this module."""
-    base = tmp_path_factory.mktemp("pipeline")
+    base = module_dir
     world = {"base": base, "logs": base / "logs", "ckpt": base / "checkpoints",
              "data": make_image_folder(base / "data", per_class={"train": 8, "val": 3, "test": 2})}
     stderr = io.StringIO()

@@ -77,9 +77,9 @@ def _signal_when_state_exists(argv: list[str], base: Path, run: str, signum: int
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, make_image_folder):
+def reference(module_dir, make_image_folder):
     """An uninterrupted run with the same settings (in this process, with one thread like the subprocesses)."""
-    base = tmp_path_factory.mktemp("reference")
+    base = module_dir / "reference"
     data = make_image_folder(base / "data", per_class={"train": 8, "val": 3, "test": 2})
     assert _cli_one_thread(_argv(base, data), base) == 0
     return data, _essentials(_records(base))
@@ -139,9 +139,9 @@ def _essentials_with_losses(records: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_crd_dkd(tmp_path_factory, make_image_folder):
+def reference_crd_dkd(module_dir, make_image_folder):
     """An uninterrupted CRD + DKD experiment (in this process, with one thread)."""
-    base = tmp_path_factory.mktemp("reference_crd_dkd")
+    base = module_dir / "reference_crd_dkd"
     data = make_image_folder(base / "data", per_class={"train": 8, "val": 3, "test": 2})
     assert _cli_one_thread(_argv_crd_dkd(base, data), base) == 0
     return data, _essentials_with_losses(_records(base))
