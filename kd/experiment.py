@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -256,7 +257,7 @@ def method_groups(methods: list[str], share_teacher: bool,
     return groups
 
 
-def groups_to_train(setup: Setup, records: list[dict] = ()) -> list[tuple[int, list[str]]]:
+def groups_to_train(setup: Setup, records: Sequence[dict] = ()) -> list[tuple[int, list[str]]]:
     """Seed by seed, the methods trained together (`method_groups`) in training order, less the runs that
     `records` already hold (finished before an interruption)."""
     exp = setup.config["experiment"]
