@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-from kd import METHODS, distributed
-from kd.config import UserError, resolve_method_names, validate_methods, validate_section
-from kd.estimate import describe_estimate, estimate_seconds, time_steps
-from kd.experiment import Setup, describe_plan, groups_to_train, prepare, run_methods
-from kd.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
-from kd.report import create_experiment_dir, experiment_summary, format_table, setup_logging, write_results
-from kd.resume import first_difference, kept_precision
-from kd.teacher import obtain_teacher, reusable_teacher
+from kd.errors import UserError
+from kd.experiment.config import resolve_method_names, validate_methods, validate_section
+from kd.experiment.logs import setup_logging
+from kd.experiment.phases import check_resume, finish, make_plan, report_check, start, train
+from kd.experiment.setup import prepare
+from kd.methods import METHODS
+from kd.results.record import RunRecord
 from models import ModelError, resolve_name
 
 TEACHER_CONFIG = {
@@ -116,7 +113,6 @@ DEMO_PRESET = {
     "experiment": {"data_dir": "data/digits", "hflip": False, "image_size": 12},
 }
 
-log = logging.getLogger("kd")
 
 
 def default_config(demo: bool = False) -> dict:
@@ -151,12 +147,21 @@ def create_method_config(method: str, **overrides) -> dict:
     return validate_methods({**METHODS_CONFIG, method: settings}, METHODS)[method]
 
 
-create_baseline_config = functools.partial(create_method_config, "Baseline")
-create_kd_config = functools.partial(create_method_config, "KD")
-create_at_config = functools.partial(create_method_config, "AT")
-create_fitnets_config = functools.partial(create_method_config, "FitNets")
-create_dml_config = functools.partial(create_method_config, "DML")
-create_byot_config = functools.partial(create_method_config, "BYOT")
+def _method_config_helpers() -> dict[str, Callable[..., dict]]:
+    """create_<method>_config(**overrides) for every registered method: create_kd_config, create_kd_ls_config ..."""
+    return {f"create_{name.lower()}_config": functools.partial(create_method_config, name) for name in METHODS}
+
+
+def __getattr__(name: str) -> Callable[..., dict]:
+    # made from the registry when asked for, so that a method registered later has its helper too
+    helper = _method_config_helpers().get(name)
+    if helper is None:
+        raise AttributeError(f"module 'final' has no attribute '{name}'")
+    return helper
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *_method_config_helpers()]
 
 
 def validate_config(config: dict) -> dict:
@@ -179,117 +184,26 @@ def validate_config(config: dict) -> dict:
     return checked
 
 
-def main(config: dict | None = None, check_only: bool = False, resume: tuple[Path, list, dict] | None = None
-         ) -> list[dict]:
-    """Run the whole experiment (teacher, then every method x seed) and return its records.
+def main(config: dict | None = None, check_only: bool = False,
+         resume: tuple[Path, list[RunRecord], dict] | None = None) -> list[dict]:
+    """Run the whole experiment (teacher, then every method x seed) and return its records (as
+    comparison_results.json stores them).
 
-    `resume` = (folder, records, summary) of an unfinished experiment (kd.resume.find_unfinished): its
-    finished runs are kept, an interrupted run continues from its last epoch.
+    `resume` = (folder, records, summary) of an unfinished experiment (kd.experiment.resume.find_unfinished):
+    its finished runs are kept, an interrupted run continues from its last epoch.
     """
     setup_logging()
     setup = prepare(validate_config(config if config is not None else default_config()), decode_all=check_only)
-    config = setup.config
+    resumed = None
     if resume is not None:
-        exp_dir, records, summary = resume
-        difference = first_difference(summary["config"], config)
-        if summary["data"]["fingerprint"] != setup.data.fingerprint:
-            difference = f"the images in {setup.data.root} changed"
-        if difference:
-            raise UserError(f"cannot resume {exp_dir}: {difference}; resume with the same settings or start "
-                            "a new experiment without --resume")
-        records = [r for r in records if r["status"] == "ok"]  # failed runs are tried again
-        setup.stamp = summary["stamp"]
-        setup.runtime = kept_precision(setup.runtime, summary["environment"]["precision"], exp_dir)
-    if distributed.is_main():
-        print(describe_plan(setup))
-    spread = distributed.spreads_runs()
-    # spread over processes, only rank 0 looks for a saved teacher: the others get it from rank 0, and
-    # on other machines the file need not exist
-    saved_teacher = (reusable_teacher(setup, resume_records=records if resume else None)
-                     if distributed.is_main() or not spread else None)
-    # timed steps for the estimate (--check) and the queue of --parallel runs, on rank 0
-    timed = distributed.is_main() and (check_only or spread)
-    times = time_steps(setup, train_teacher=saved_teacher is None) if timed else None
-    if spread:
-        units = queue(setup, records if resume else [], times)
-        devices = distributed.gather_objects(device_text(setup.runtime.device))
-        if distributed.is_main():  # also when training: the queue and its estimate are part of the plan
-            print(describe_spread(setup, units, times, devices))
+        setup, resumed = check_resume(setup, *resume)
+    plan = make_plan(setup, resumed, check_only)
     if check_only:
-        if distributed.is_main() and not spread:
-            print(describe_estimate(estimate_seconds(setup, times), setup))
-        print("check passed: data and config are valid; nothing was trained")
+        report_check(setup, plan)
         return []
-    setup.planned()
-    if resume is None:
-        exp_dir, setup.stamp = create_experiment_dir(setup.logs)
-        records, summary = [], experiment_summary(setup, exp_dir)
-        write_results(exp_dir, records, summary)  # from now on the experiment can be resumed
-    setup.exp_dir = exp_dir
-    setup_logging(exp_dir / "final_experiment.log")
-    log.info("Experiment folder: %s%s", exp_dir, " (resumed)" if resume else "")
-    started = time.perf_counter() - summary.get("total_time", 0.0)
-    resume_hint = f"Finished runs are saved; continue with: python run_experiment.py --resume {exp_dir}"
-
-    def teacher_done(teacher_record: dict) -> None:
-        if not records:
-            records.append(teacher_record)
-            summary["teacher"] = {"path": teacher_record["checkpoint"], "sha256": teacher_record["sha256"],
-                                  "accuracy": teacher_record["best_accuracy"], "reused": teacher_record["reused"]}
-        _finish_run(setup, records, summary, ["Teacher"], records[0]["seed"], started)
-
-    def unit_done(unit: Unit, unit_records: list[dict], process: int) -> None:
-        log.info("%s finished on process %d: %s", unit, process,
-                 ", ".join(f"{r['method']} {r['status']}" for r in unit_records))
-        records.extend(unit_records)
-        _finish_run(setup, records, summary, [], unit.seed, started)
-
-    try:
-        if spread:
-            stop_on_sigterm()
-            train_spread(setup, saved_teacher, units, resume_hint, teacher_done, unit_done)
-            if not distributed.is_main():
-                return records  # rank 0 writes the results
-        else:
-            teacher, teacher_record = obtain_teacher(setup, saved_teacher)
-            teacher_done(teacher_record)
-            for seed, group in groups_to_train(setup, records):  # runs finished before an interruption are kept
-                records.extend(run_methods(group, seed, setup, teacher))
-                _finish_run(setup, records, summary, group, seed, started)
-    except KeyboardInterrupt:
-        log.error("Interrupted. %s", resume_hint)
-        raise
-    summary["finished"] = True
-    leftover = exp_dir / "resume"
-    if distributed.is_main() and leftover.is_dir() and not any(leftover.iterdir()):
-        leftover.rmdir()  # every run finished: nothing left to resume
-    table = write_results(exp_dir, records, summary, final=True)
-    if distributed.is_main():
-        print(format_table(table))
-    log.info("Total time %.1f s; results in %s", summary["total_time"], exp_dir)
-    failed = [r for r in records if r["status"] == "failed"]
-    if failed:
-        log.error("%d run(s) failed: %s", len(failed), "; ".join(f"{r['method']} seed {r['seed']}: {r['reason']}"
-                                                                  for r in failed))
-    return records
-
-
-def _plan_order(setup: Setup) -> Callable[[dict], int]:
-    """Sort key of records: the teacher, then seed by seed the methods in training order."""
-    order = {(method, seed): i for i, (seed, method) in enumerate(
-        (seed, method) for seed, group in groups_to_train(setup) for method in group)}
-    return lambda record: -1 if record["method"] == "Teacher" else order[(record["method"], record["seed"])]
-
-
-def _finish_run(setup: Setup, records: list[dict], summary: dict, names: list[str], seed: int, started: float) -> None:
-    """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
-    runs' resume state: from here on they count as finished."""
-    summary["total_time"] = time.perf_counter() - started
-    # in plan order, however the runs were spread over processes or interrupted and resumed
-    records.sort(key=_plan_order(setup))
-    write_results(setup.exp_dir, records, summary)
-    for name in names:
-        setup.resume_path(name, seed).unlink(missing_ok=True)
+    progress = start(setup, resumed)
+    train(progress, plan)
+    return [record.to_json() for record in finish(progress)]
 
 
 if __name__ == "__main__":

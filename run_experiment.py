@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from kd.config import UserError
+    from kd.errors import UserError
     try:
         return [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
@@ -81,8 +81,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
     import copy
 
     import final
-    from kd.config import apply_overrides
-    from kd.data import export_digits_demo
+    from kd.data.digits import export_digits_demo
+    from kd.experiment.config import apply_overrides
 
     config = copy.deepcopy(base) if base is not None else final.default_config(demo=args.demo)
     apply_overrides(config, args.set)
@@ -109,20 +109,21 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kd.launch import exit_code
+    from kd.experiment.launch import exit_code
     return exit_code(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> list[dict]:
     import final
     if args.report:
-        from kd.report import format_table, rebuild
+        from kd.results.files import rebuild
+        from kd.results.table import format_table
         print(format_table(rebuild(args.report)))
         return []
     config = config_from_args(args)
     resume = None
     if args.resume is not None:  # continue with the stored settings; given flags must not change them
-        from kd.resume import find_unfinished
+        from kd.experiment.resume import find_unfinished
         resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
         config = config_from_args(args, base=resume[2]["config"])
     return final.main(config, check_only=args.check, resume=resume)

@@ -70,7 +70,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
 
     sys.path.insert(0, str(REPO))
-    from kd.data import export_digits_demo
+    from kd.data.digits import export_digits_demo
 
     with tempfile.TemporaryDirectory(prefix="kd_parallel_") as scratch:
         work = Path(scratch)

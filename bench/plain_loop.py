@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from kd.base import Distiller
-from kd.hinton import kd_loss
+from kd.methods.base import Distiller
+from kd.methods.common import kd_loss
 
 Step = Callable[[Tensor, Tensor], None]
 

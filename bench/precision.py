@@ -3,7 +3,7 @@
     python bench/precision.py                  # the CPU (or --device cuda)
 
 Both precisions alternate in one process (fp32, bf16, fp32, bf16 ...), each round a warm-up step and a
-few timed steps (kd/estimate.py's timing, as --check uses it), so a slower or faster moment of the machine
+few timed steps (kd/experiment/estimate.py's timing, as --check uses it), so a slower or faster moment of the machine
 hits both alike; each figure is the median over its rounds. Printed: img/s of each, the ratio
 bf16/fp32, and what `--precision auto` picks here. The last line is a JSON object with those numbers.
 """
@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd.estimate import random_batch, seconds_per_call, training_step  # noqa: E402
-from kd.runtime import Runtime, resolve_precision  # noqa: E402
+from kd.engine.runtime import Runtime, resolve_precision  # noqa: E402
+from kd.experiment.estimate import random_batch, seconds_per_call, training_step  # noqa: E402
 from models import build_resnet  # noqa: E402
 
 

@@ -85,10 +85,11 @@ def _rss_mb() -> float:
 def worker(root: Path, streaming: bool) -> dict:
     """Train two epochs on `root` through the project's trainer; the second epoch's figures and peak RSS."""
     import final
-    from kd.baseline import Baseline
-    from kd.data import load_image_data
-    from kd.runtime import Runtime
-    from kd.trainer import RunSpec, fit
+    from kd.data.load import load_image_data
+    from kd.engine.run import RunSpec
+    from kd.engine.runtime import Runtime
+    from kd.engine.trainer import fit
+    from kd.methods.baseline import Baseline
     from models import build_resnet
 
     imported = _rss_mb()  # the libraries' code and data alone, before any image or model

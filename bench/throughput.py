@@ -47,13 +47,13 @@ def _models(num_classes: int, device: torch.device):
 
 def _distillers(student_state: dict, teacher, num_classes: int, settings: dict):
     """KD, AT and FitNets on the teacher's device: students and extra modules (FitNets' regressor) too."""
-    from kd import METHODS
+    from kd.methods import METHODS
     from models import build_resnet
     distillers = []
     for name in METHOD_NAMES:
         student = build_resnet("ResNet18", num_classes, "cifar")
         student.load_state_dict(student_state)
-        distillers.append(METHODS[name](student, teacher, **settings[name]).to(next(teacher.parameters()).device))
+        distillers.append(METHODS[name].distiller(student, teacher, **settings[name]).to(next(teacher.parameters()).device))
     return distillers
 
 
@@ -86,7 +86,7 @@ def _limited(data, images: int):
     """The same data with only `images` training images (a fixed subset), so one epoch is short."""
     from dataclasses import replace
 
-    from kd.batches import Split
+    from kd.data.batches import Split
     train = data.splits["train"]
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:images]
     subset = Split(train.files, train.labels[keep], train.images[keep])
@@ -95,10 +95,11 @@ def _limited(data, images: int):
 
 def run_project(data, size: int, steps: int, distill_images: int, device: torch.device, precision: str) -> dict:
     import final
-    from kd.baseline import Baseline
-    from kd.hinton import KD
-    from kd.runtime import Runtime, resolve_precision
-    from kd.trainer import RunSpec, fit, fit_together
+    from kd.engine.run import RunSpec
+    from kd.engine.runtime import Runtime, resolve_precision
+    from kd.engine.trainer import fit, fit_together
+    from kd.methods.baseline import Baseline
+    from kd.methods.kd import KD
     runtime = Runtime(device, resolve_precision(precision, device), channels_last=True)
     classes = len(data.class_names)
     teacher, student = _models(classes, device)
@@ -133,7 +134,8 @@ def run_project(data, size: int, steps: int, distill_images: int, device: torch.
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from kd.data import export_digits_demo, load_image_data
+    from kd.data.digits import export_digits_demo
+    from kd.data.load import load_image_data
     torch.manual_seed(0)
     device = torch.device(args.device)
     data = load_image_data(export_digits_demo(REPO / "data" / "digits"), args.size, hflip=False, num_workers=0)
@@ -159,7 +161,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds
 
 def train_flops_per_image(size: int) -> dict[str, float]:
     """FLOPs of one image: a training step is ~3 forward passes (forward, two backward products)."""
-    from kd.metrics import forward_flops
+    from kd.results.metrics import forward_flops
     teacher, student = _models(10, torch.device("cpu"))
     image = torch.zeros(1, 3, size, size)
     forward = {"teacher": forward_flops(teacher.eval(), image), "student": forward_flops(student.eval(), image)}

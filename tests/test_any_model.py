@@ -19,9 +19,9 @@ from torch import nn
 
 import final
 import run_experiment
-from kd import METHODS
-from kd.checkpoint import save_checkpoint
-from kd.config import UserError
+from kd.engine.checkpoint import save_checkpoint
+from kd.errors import UserError
+from kd.methods import METHODS
 from models import build_model, model_spec, num_outputs
 from models.weights import input_stats
 
@@ -118,7 +118,7 @@ def teachers():
 
 
 def test_feature_methods_are_those_that_read_the_teachers_stages():
-    assert set(FEATURE_METHODS) == {m for m, cls in METHODS.items() if "teacher" in cls.needs_stages}
+    assert set(FEATURE_METHODS) == {m for m, method in METHODS.items() if "teacher" in method.distiller.needs_stages}
 
 
 @pytest.mark.parametrize("teacher_name, student_name, method", CASES)
@@ -128,7 +128,7 @@ def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teache
     torch.manual_seed(1)
     spec = _spec(student_name)
     student = build_model(spec, 3)
-    distiller_cls = METHODS[method]
+    distiller_cls = METHODS[method].distiller
     settings = copy.deepcopy(final.METHODS_CONFIG[method])
     if method == "CRD":
         settings["nce_k"] = CRD_NCE_K

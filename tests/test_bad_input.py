@@ -229,7 +229,7 @@ def test_run_whose_weights_turn_non_finite_after_a_finite_loss_is_recorded_as_fa
 
 
 def test_run_out_of_memory_is_recorded_as_failed_and_others_go_on(capsys, folder, tmp_path, monkeypatch):
-    from kd.at import AT
+    from kd.methods.at import AT
 
     def out_of_memory(self, images, targets, **batch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -243,7 +243,7 @@ def test_run_out_of_memory_is_recorded_as_failed_and_others_go_on(capsys, folder
 
 
 def test_experiments_started_in_the_same_second_get_their_own_folders(tmp_path):
-    from kd.report import create_experiment_dir
+    from kd.results.files import create_experiment_dir
 
-    folders = [create_experiment_dir(tmp_path / "logs")[0] for _ in range(3)]
+    folders = [create_experiment_dir(tmp_path / "logs").path for _ in range(3)]
     assert len(set(folders)) == 3 and all(folder.is_dir() for folder in folders)

@@ -1,6 +1,7 @@
 """The benchmarks' own plumbing, checked on the CPU so that CI catches what would crash them on a GPU."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 import final
-from kd.data import load_image_data
+from kd.data.load import load_image_data
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import compare_records  # noqa: E402
 import scale  # noqa: E402
 import throughput  # noqa: E402
 
@@ -49,3 +51,19 @@ def test_gpu_check_without_a_gpu_says_so():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
+
+
+def test_compare_records_tells_clocks_from_results(tmp_path, capsys):
+    """bench/compare_records.py: runs equal but for clocks and paths are equal; any other value differs."""
+    run = {"method": "KD", "seed": 0, "best_accuracy": 0.5, "training_time": 3.0, "checkpoint": "a.pth",
+           "history": [{"train_seconds": 1.0, "val": {"student": 0.5}}]}
+    changed = {**run, "training_time": 9.0, "checkpoint": "b.pth", "history": [{"train_seconds": 2.0,
+                                                                                  "val": {"student": 0.25}}]}
+    for name, records in (("a", [run]), ("b", [{**run, "training_time": 7.0}]), ("c", [changed])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "comparison_results.json").write_text(json.dumps(records))
+    assert compare_records.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "KD seed 0: equal" in capsys.readouterr().out
+    assert compare_records.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "KD seed 0: 1 value(s) differ: history[0].val.student: 0.5 != 0.25" in capsys.readouterr().out
+    assert compare_records.main([str(tmp_path / "a"), str(tmp_path / "c"), "--expect-changed", "KD"]) == 0

@@ -12,7 +12,8 @@ import torch
 
 import final
 import run_experiment
-from kd.config import UserError, apply_overrides, parse_value
+from kd.errors import UserError
+from kd.experiment.config import apply_overrides, parse_value
 
 REPO = Path(__file__).resolve().parents[1]
 VALID_METHODS = "Baseline, KD, AT, FitNets, DML, BYOT"

@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kd import distributed
-from kd.config import UserError
-from kd.batches import ImageData, Split
-from kd.data import (AUTO_SIZE_RANGE, _channel_stats, auto_image_size, decode, export_digits_demo, load_image_data,
-                     load_rgb, scan_dataset)
-from kd.trainer import tensor_digest
+from kd.data.batches import ImageData, Split
+from kd.data.decode import AUTO_SIZE_RANGE, auto_image_size, decode, load_rgb
+from kd.data.digits import export_digits_demo
+from kd.data.folder import scan_dataset
+from kd.data.load import _channel_stats, load_image_data
+from kd.engine import distributed
+from kd.engine.run import tensor_digest
+from kd.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.baseline import Baseline
-from kd.checkpoint import load_checkpoint
-from kd.data import load_image_data
-from kd.metrics import prediction_metrics
-from kd.runtime import Runtime
-from kd.trainer import evaluate
+from kd.data.load import load_image_data
+from kd.engine.checkpoint import load_checkpoint
+from kd.engine.evaluation import evaluate
+from kd.engine.runtime import Runtime
+from kd.methods.baseline import Baseline
+from kd.results.metrics import prediction_metrics
 from models import build_resnet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # that the ranks' BatchNorm statistics really differed.
 SPY_BUFFERS = """
 import os, torch
-from kd import distributed
+from kd.engine import distributed
 original = distributed.sync_buffers
 calls = []
 def spy(module):
@@ -41,15 +41,15 @@ distributed.sync_buffers = spy
 # and notes when.
 FAIL_ON_RANK_1 = """
 import os, time
-from kd import trainer
-from kd.config import UserError
-original = trainer._Run.end_epoch
+from kd.engine import run
+from kd.errors import UserError
+original = run.TrainingRun.end_epoch
 def end_epoch(self, *args):
     if os.environ["RANK"] == "1" and self.spec.name == "Baseline":
         open("failed_at", "w").write(str(time.time()))
         raise UserError("cannot read image 'shard1.png' (simulated): replace or remove it")
     return original(self, *args)
-trainer._Run.end_epoch = end_epoch
+run.TrainingRun.end_epoch = end_epoch
 """
 
 
@@ -58,8 +58,8 @@ trainer._Run.end_epoch = end_epoch
 # with the training positions whose rows it updated itself (its own shard, before the all-gather).
 SPY_CRD = """
 import os, torch
-from kd import distributed
-from kd.crd import CRD
+from kd.engine import distributed
+from kd.methods.crd import CRD
 BUFFERS = ("memory_s", "memory_t", "z_s", "z_t", "steps")
 rank, own_rows, epochs = os.environ["RANK"], [], []
 def save(distiller, tag):
@@ -126,7 +126,7 @@ def test_torchrun_two_processes_score_the_saved_model(tmp_path, make_image_folde
         assert record["best_accuracy"] == alone.accuracies["student"]
         assert abs(alone.accuracies["student"] * 15 - round(alone.accuracies["student"] * 15)) < 1e-9
         # NLL moves with any change of BatchNorm statistics, where accuracy on 15 images may not
-        assert record["nll"] == pytest.approx(prediction_metrics(alone.probs, alone.labels, None)["nll"], abs=1e-6)
+        assert record["nll"] == pytest.approx(prediction_metrics(alone.probs, alone.labels, None).nll, abs=1e-6)
 
 
 def test_a_val_split_smaller_than_the_job(tmp_path, make_image_folder):

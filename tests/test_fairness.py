@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import final
-from kd import METHODS
-from kd.experiment import method_groups
+from kd.experiment.plan import method_groups
+from kd.methods import METHODS
 from models import build_model, build_resnet, model_spec
 
 

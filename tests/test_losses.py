@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from kd.at import at_loss
-from kd.byot import byot_loss, byot_loss_terms
-from kd.dml import dml_loss
-from kd.fitnets import Regressor, hint_loss
-from kd.hinton import kd_loss
+from kd.methods.at import at_loss
+from kd.methods.byot import byot_loss, byot_loss_terms
+from kd.methods.common import kd_loss
+from kd.methods.dml import dml_loss
+from kd.methods.fitnets import Regressor, hint_loss
 
 
 # ----------------------------------------------------------------------------- independent references

@@ -19,14 +19,14 @@ from typing import Callable
 import pytest
 import torch
 
-from kd.crd import contrast_loss
-from kd.dist import dist_loss
-from kd.dkd import dkd_loss, warmup_factor
-from kd.hinton import kd_loss, standardize_logits
-from kd.pkt import pkt_loss
-from kd.reviewkd import hcl_loss
-from kd.rkd import rkd_loss
-from kd.sp import sp_loss
+from kd.methods.common import kd_loss, standardize_logits, warmup_factor
+from kd.methods.crd import contrast_loss
+from kd.methods.dist_kd import dist_loss
+from kd.methods.dkd import dkd_loss
+from kd.methods.pkt import pkt_loss
+from kd.methods.reviewkd import hcl_loss
+from kd.methods.rkd import rkd_loss
+from kd.methods.sp import sp_loss
 
 Tensor = torch.Tensor
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 
-import kd
 from final import METHODS_CONFIG
+from kd import methods
 from models import apply_stem, build_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
@@ -76,7 +76,7 @@ def make_teacher() -> torch.nn.Module:
 
 
 def make_distiller(name: str, seed: int = 0, **overrides):
-    cls = kd.METHODS[name]
+    cls = methods.METHODS[name].distiller
     student = make_student(seed)
     teacher = make_teacher() if cls.needs_teacher else None
     torch.manual_seed(seed + 1)  # DML's extra peers / BYOT's heads draw from the global RNG
@@ -123,11 +123,11 @@ def record_stages(model: torch.nn.Module, names) -> tuple[dict, list]:
 
 # ----------------------------------------------------------------------------- registry
 def test_methods_registry_and_configs():
-    assert set(kd.METHODS) == set(EXPECTED_KEYS)
-    assert set(METHODS_CONFIG) == set(kd.METHODS)
-    for name, cls in kd.METHODS.items():
-        assert issubclass(cls, kd.Distiller)
-    assert {n for n, c in kd.METHODS.items() if not c.needs_teacher} == {"Baseline", "DML", "BYOT"}
+    assert set(methods.METHODS) == set(EXPECTED_KEYS)
+    assert set(METHODS_CONFIG) == set(methods.METHODS)
+    for name, method in methods.METHODS.items():
+        assert method.name == name and issubclass(method.distiller, methods.Distiller)
+    assert {n for n, m in methods.METHODS.items() if not m.distiller.needs_teacher} == {"Baseline", "DML", "BYOT"}
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -135,7 +135,7 @@ def test_methods_registry_and_configs():
 def test_one_training_step(name):
     distiller = make_distiller(name)
     teacher = distiller.teacher
-    if kd.METHODS[name].needs_teacher:
+    if methods.METHODS[name].distiller.needs_teacher:
         assert teacher is not None
         teacher_before = snapshot(teacher)  # parameters AND buffers (running stats, num_batches_tracked)
         assert any(k.endswith("num_batches_tracked") for k in teacher_before)

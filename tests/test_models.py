@@ -8,10 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
-from kd.config import UserError
+from kd.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from kd.errors import UserError
 from models import FeatureTap, apply_stem, build_resnet, find_stages, resolve_stem
-
 
 # --- stems ---------------------------------------------------------------------------------------------
 
@@ -153,7 +152,7 @@ def test_failing_write_keeps_the_old_file(tmp_path):
 def test_disk_full_while_a_checkpoint_streams_is_one_line(tmp_path, monkeypatch):
     """torch.save writes straight into the file; a full disk in the middle must still give the one-line
     error (torch's writer would report it as a RuntimeError) and leave the old file intact."""
-    from kd import checkpoint
+    from kd.engine import checkpoint
     path = tmp_path / "model.pth"
     save_checkpoint(path, build_resnet("ResNet18", 3, "cifar"), META)
     old = path.read_bytes()

@@ -20,12 +20,13 @@ import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import final
-import kd
 import run_experiment
-from kd.config import UserError, method_keys, resolve_method_names, split_method_settings
-from kd.crd import CRD, NegativeSampler
-from kd.hinton import kd_loss
-from kd.reviewkd import ReviewKD, teacher_preactivations
+from kd import methods
+from kd.errors import UserError
+from kd.experiment.config import resolve_method_names, split_method_settings
+from kd.methods.common import kd_loss
+from kd.methods.crd import CRD, NegativeSampler
+from kd.methods.reviewkd import ReviewKD, teacher_preactivations
 from models import FeatureTap, apply_stem, build_model, build_resnet, classifier_name, find_stages, model_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
@@ -90,10 +91,10 @@ def tiny_net(width: int, seed: int) -> torch.nn.Module:
 
 
 def make_distiller(name: str, seed: int = 0, teacher: torch.nn.Module | None = None, tiny: bool = False,
-                   **overrides) -> kd.Distiller:
+                   **overrides) -> methods.Distiller:
     """The method with its METHODS_CONFIG settings on a ResNet18 student and (by default) a ResNet18 teacher;
     `tiny`: a tiny_net student (width 8) and teacher (width 12) instead."""
-    cls = kd.METHODS[name]
+    cls = methods.METHODS[name].distiller
     student = tiny_net(8, seed) if tiny else make_resnet("ResNet18", seed)
     if cls.needs_teacher and teacher is None:
         teacher = randomize_bn(tiny_net(12, 100) if tiny else make_resnet("ResNet18", 100), 7).eval()
@@ -383,7 +384,7 @@ def test_without_warmup_the_weight_is_one_and_other_methods_report_none():
 def test_logit_standardized_variants_standardize(name):
     """KD_LS / DKD_LS are the KD / DKD classes with standardize on: the loss is the standardized one."""
     distiller = make_distiller(name, tiny=True).train()
-    assert type(distiller) is kd.METHODS[name.removesuffix("_LS")] and distiller.standardize is True
+    assert type(distiller) is methods.METHODS[name.removesuffix("_LS")].distiller and distiller.standardize is True
     images, targets = make_batch()
     logits, losses = distiller.forward_train(images, targets)
     with torch.no_grad():
@@ -394,7 +395,7 @@ def test_logit_standardized_variants_standardize(name):
         plain = cfg["kd_weight"] * kd_loss(logits.detach(), teacher_logits, cfg["temperature"])
         got = losses["loss_kd"]
     else:
-        from kd.dkd import dkd_loss
+        from kd.methods.dkd import dkd_loss
         args = (logits.detach(), teacher_logits, targets, cfg["tckd_weight"], cfg["nckd_weight"], cfg["temperature"])
         expected, plain = dkd_loss(*args, standardize=True), dkd_loss(*args)
         got = losses["loss_dkd"]  # warm-up 1 before the first start_epoch
@@ -533,18 +534,18 @@ def test_reviewkd_with_a_non_resnet_teacher_uses_the_stage_outputs():
 
 # ============================================================================= 5. method names
 def test_all_resolves_to_every_registered_method_in_registry_order():
-    assert tuple(kd.METHODS) == ALL_METHODS
-    assert resolve_method_names(["all"], kd.METHODS) == list(ALL_METHODS)
-    assert resolve_method_names([" ALL "], kd.METHODS) == list(ALL_METHODS)
+    assert tuple(methods.METHODS) == ALL_METHODS
+    assert resolve_method_names(["all"], methods.METHODS) == list(ALL_METHODS)
+    assert resolve_method_names([" ALL "], methods.METHODS) == list(ALL_METHODS)
     # given names first, then the rest once each
-    assert resolve_method_names(["dkd", "all", "KD"], kd.METHODS) == ["DKD", *[m for m in ALL_METHODS if m != "DKD"]]
+    assert resolve_method_names(["dkd", "all", "KD"], methods.METHODS) == ["DKD", *[m for m in ALL_METHODS if m != "DKD"]]
 
 
 @pytest.mark.parametrize("given, expected", [
     (["dkd-ls"], ["DKD_LS"]), (["KD_ls"], ["KD_LS"]), ([" Dkd_LS "], ["DKD_LS"]), (["kd-LS", "KD_LS"], ["KD_LS"]),
     (["reviewkd", "Crd", "dist", "RKD", "sp", "pkt"], ["ReviewKD", "CRD", "DIST", "RKD", "SP", "PKT"])])
 def test_new_method_names_resolve(given, expected):
-    assert resolve_method_names(given, kd.METHODS) == expected
+    assert resolve_method_names(given, methods.METHODS) == expected
 
 
 def test_unknown_method_lists_every_valid_one_and_all(tiny_config):
@@ -616,7 +617,7 @@ def test_bad_setting_in_a_full_config_and_by_set(tiny_config):
     with pytest.raises(UserError, match=r"methods\.CRD\.nce_m=1\.0: must be a number in \[0, 1\)"):
         final.validate_config(tiny_config)
     tiny_config["methods"]["CRD"]["nce_m"] = 0.5
-    from kd.config import apply_overrides
+    from kd.experiment.config import apply_overrides
     apply_overrides(tiny_config, ["methods.DKD.warmup_epochs=-1"])
     with pytest.raises(UserError, match=r"methods\.DKD\.warmup_epochs=-1: must be an integer >= 0"):
         final.validate_config(tiny_config)
@@ -626,21 +627,21 @@ def test_bad_setting_in_a_full_config_and_by_set(tiny_config):
                                          ("ReviewKD", "warmup_epochs"), ("DIST", "gamma")])
 def test_loss_settings_named_like_student_keys_are_loss_settings(method, key):
     settings = final.METHODS_CONFIG[method]
-    loss, overrides = split_method_settings(settings, method_keys(kd.METHODS[method]))
+    loss, overrides = split_method_settings(settings, methods.METHODS[method])
     assert loss == settings and key in loss
     assert overrides == {}
 
 
 def test_a_method_may_still_override_student_keys_it_does_not_use():
     settings = final.create_method_config("DKD", lr=0.05, epochs=3)
-    loss, overrides = split_method_settings(settings, method_keys(kd.METHODS["DKD"]))
+    loss, overrides = split_method_settings(settings, methods.METHODS["DKD"])
     assert overrides == {"lr": 0.05, "epochs": 3}
     assert loss == final.METHODS_CONFIG["DKD"]
     with pytest.raises(UserError, match=r"methods\.DKD\.lr=-1"):
         final.create_method_config("DKD", lr=-1)
     # `gamma` is DIST's loss weight (>= 0) but StepLR's factor for another method (in (0, 1])
     assert split_method_settings(final.create_method_config("DKD", gamma=0.5),
-                                 method_keys(kd.METHODS["DKD"]))[1] == {"gamma": 0.5}
+                                 methods.METHODS["DKD"])[1] == {"gamma": 0.5}
     with pytest.raises(UserError, match=r"methods\.DKD\.gamma=2\.0: must be a number in \(0, 1\]"):
         final.create_method_config("DKD", gamma=2.0)
     # a CRD setting is no key of another method

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from kd.sweep import Unit, spread_seconds
+from kd.experiment.sweep import Unit, spread_seconds
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 
-# What differs between two runs of the same training: clocks, and where the files are.
-UNTIMED = {"training_time", "images_per_s", "train_seconds", "latency_ms", "sha256", "checkpoint"}
+from compare_records import untimed  # noqa: E402  (clocks and paths aside)
 
 # Process 1 dies as kill -9 would when it takes its second unit, once rank 0 has written the teacher's and
 # the first unit's records.
 KILL_RANK_1 = """
 import glob, json, os, signal, time
-from kd import sweep
+from kd.experiment import sweep
 original, taken = sweep.run_methods, []
 def written():
     return sum(len(json.load(open(f))) for f in glob.glob("logs/final_experiment_*/comparison_results.json"))
@@ -62,15 +62,6 @@ def _records(base: Path) -> list[dict]:
     return json.loads((exp_dir / "comparison_results.json").read_text())
 
 
-def _untimed(value):
-    """A record (or part of one) without the keys that clocks and paths decide."""
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k not in UNTIMED}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
-
-
 @pytest.fixture(scope="module")
 def one_process(module_dir, make_image_folder):
     base = module_dir
@@ -86,7 +77,7 @@ def test_two_processes_train_whole_runs_with_the_records_of_one(tmp_path, one_pr
     assert done.returncode == 0, done.stderr[-3000:]
     records = _records(tmp_path)
     assert [(r["method"], r["seed"]) for r in records] == [(r["method"], r["seed"]) for r in expected]
-    assert _untimed(records) == _untimed(expected)
+    assert untimed(records) == untimed(expected)
     assert {r["method"] for r in expected} == {"Teacher", "Baseline", "KD", "DML"} and len(expected) == 7
     # both processes trained: the teacher and some units on rank 0, the rest on rank 1
     log = next((tmp_path / "logs").glob("final_experiment_*/final_experiment.log")).read_text()
@@ -113,7 +104,7 @@ def test_a_killed_process_ends_the_job_and_resume_trains_only_the_rest(tmp_path,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trained = [(m, int(seed)) for m, seed in re.findall(r"student (\w+) with .* \(seed (\d+)\)", resumed.stderr)]
     assert sorted(trained) == sorted({(r["method"], r["seed"]) for r in expected} - set(finished))
-    assert _untimed(_records(tmp_path)) == _untimed(expected)
+    assert untimed(_records(tmp_path)) == untimed(expected)
 
 
 def test_more_processes_than_units_leave_one_idle_without_a_hang(tmp_path, make_image_folder):
@@ -142,7 +133,7 @@ def test_the_queue_wall_time_goes_to_the_process_free_first():
 def test_large_messages_travel_through_the_store_in_pieces(monkeypatch):
     import torch.distributed as dist
 
-    from kd import sweep
+    from kd.experiment import sweep
 
     monkeypatch.setattr(sweep, "STORE_PIECE", 1000)
     store = dist.HashStore()

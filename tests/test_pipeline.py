@@ -14,11 +14,12 @@ import torchvision
 
 import final
 import run_experiment
-from kd.baseline import Baseline
-from kd.config import UserError
-from kd.data import load_image_data
-from kd.runtime import Runtime, resolve_device, resolve_precision
-from kd.trainer import RunSpec, fit, lr_factor
+from kd.data.load import load_image_data
+from kd.engine.run import RunSpec, lr_factor
+from kd.engine.runtime import Runtime, resolve_device, resolve_precision
+from kd.engine.trainer import fit
+from kd.errors import UserError
+from kd.methods.baseline import Baseline
 from models import apply_stem, build_resnet
 
 RECORD_KEYS = {"method", "model", "teacher", "seed", "best_accuracy", "final_accuracy", "best_epoch",
@@ -183,16 +184,16 @@ def test_fit_lowers_the_training_loss(tmp_path, make_image_folder):
                    {"arch": "ResNet18", "epochs": 4})
     result, _ = fit(Baseline(model), data, spec, Runtime(torch.device("cpu"), "fp32", channels_last=False))
 
-    history = result["history"]
+    history = result.history
     losses = [entry["train_loss"]["loss_ce"] for entry in history]
     assert len(history) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert result["best_accuracy"] > 0.5  # chance is 1/3
+    assert result.best_accuracy > 0.5  # chance is 1/3
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
-    assert 1 <= result["best_epoch"] <= 4 and 0.0 <= result["best_accuracy"] <= 1.0
-    assert result["best_accuracy"] == max(entry["score"] for entry in history)
-    assert result["final_accuracy"] == history[-1]["score"] and result["epochs"] == 4
-    assert result["test_accuracy"] is None  # no test/ split
+    assert 1 <= result.best_epoch <= 4 and 0.0 <= result.best_accuracy <= 1.0
+    assert result.best_accuracy == max(entry["score"] for entry in history)
+    assert result.final_accuracy == history[-1]["score"] and result.epochs == 4
+    assert result.test_accuracy is None  # no test/ split
     assert (tmp_path / "ckpt" / "Baseline_ResNet18_best.pth").is_file()
     assert (tmp_path / "ckpt" / "Baseline_ResNet18_final.pth").is_file()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -207,8 +208,8 @@ def test_step_lr_decays_where_the_yielded_batches_say(tmp_path, make_image_folde
     spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline", {})
     result, _ = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
                     Runtime(torch.device("cpu"), "fp32", channels_last=False))
-    assert [h["images"] for h in result["history"]] == [32, 32, 32]
-    assert [h["lr"] for h in result["history"]] == pytest.approx([0.01, 0.001, 0.0001])
+    assert [h["images"] for h in result.history] == [32, 32, 32]
+    assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.001, 0.0001])
 
 
 def test_lr_factor_schedules():

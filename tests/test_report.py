@@ -18,9 +18,18 @@ from scipy import stats
 
 import final
 import run_experiment
-from kd.metrics import (ECE_BINS, agreement, expected_calibration_error, mean_std, nll, paired_comparison,
-                        reliability_bins, top_k_accuracy)
-from kd.report import CSV_COLUMNS, MEAN_COLUMNS, aggregate, format_table
+from kd.results.metrics import (
+    ECE_BINS,
+    agreement,
+    expected_calibration_error,
+    mean_std,
+    nll,
+    paired_comparison,
+    reliability_bins,
+    top_k_accuracy,
+)
+from kd.results.record import RunRecord
+from kd.results.table import CSV_COLUMNS, MEAN_COLUMNS, aggregate, format_table
 
 
 def _ece(probs, labels) -> float:
@@ -201,6 +210,11 @@ def test_paired_comparison_identical_differences_from_real_accuracies():
 # ------------------------------------------------------------------------------------------ aggregate
 
 def _record(method, seed, acc, **extra):
+    """A stored record (comparison_results.json's form) read back as the results code reads it."""
+    return RunRecord.from_json(_stored(method, seed, acc, **extra))
+
+
+def _stored(method, seed, acc, **extra):
     return {"method": method, "model": "ResNet18", "teacher": "ResNet50" if method == "KD" else "None",
             "seed": seed, "status": "ok", "best_accuracy": acc, "final_accuracy": acc - 0.01,
             "training_time": 10.0 + seed, "epochs": 3, "test_accuracy": acc - 0.02, "top5_accuracy": 1.0,
@@ -215,10 +229,10 @@ def _crafted_records():
         _record("Baseline", 1, 0.74), _record("KD", 1, 0.76),
         _record("Baseline", 2, 0.72), _record("KD", 2, 0.77),
         # a failed run must not count, even if it carries an accuracy
-        {"method": "KD", "model": "ResNet18", "teacher": "ResNet50", "seed": 3, "status": "failed",
-         "reason": "loss became NaN", "best_accuracy": 0.10, "epochs": 3, "training_time": 1.0},
-        {"method": "Baseline", "model": "ResNet18", "teacher": "None", "seed": 3, "status": "failed",
-         "reason": "out of memory"},
+        RunRecord.from_json({"method": "KD", "model": "ResNet18", "teacher": "ResNet50", "seed": 3, "status": "failed",
+                             "reason": "loss became NaN", "best_accuracy": 0.10, "epochs": 3, "training_time": 1.0}),
+        RunRecord.from_json({"method": "Baseline", "model": "ResNet18", "teacher": "None", "seed": 3,
+                             "status": "failed", "reason": "out of memory"}),
     ]
 
 
@@ -458,7 +472,7 @@ def test_report_on_folder_without_results_exits_2(tmp_path, capsys):
 def test_each_method_has_one_colour_in_every_plot(tmp_path, monkeypatch):
     from matplotlib.colors import to_hex
 
-    from kd import plots
+    from kd.results import plots
     drawn = {}
 
     def keep_axes(fig, path, ax=None, *args, **kwargs) -> str:  # instead of writing the PNG
@@ -482,3 +496,19 @@ def test_each_method_has_one_colour_in_every_plot(tmp_path, monkeypatch):
         assert {method: lines[method] for method in students} == bars, figure
     points = {c.get_label(): to_hex(c.get_facecolor()[0]) for c in drawn["accuracy_vs_time"].collections}
     assert {method: points[method] for method in students} == bars
+
+
+def test_a_record_reads_back_into_its_typed_parts_and_writes_the_same_json():
+    stored = _stored("DML", 0, 0.7, best_epoch=2, final_test_accuracy=0.66, images_per_s=50.0,
+                     student_init_sha256="ab", first_batch_sha256="cd", history=[{"score": 0.7}],
+                     per_class_accuracy=[0.5, 0.9], confusion_matrix=[[1, 1], [0, 2]],
+                     reliability={"count": [4]}, protocol="common", peer_accuracies=[0.7, 0.72])
+    record = RunRecord.from_json(stored)
+    assert record.result.best_epoch == 2 and record.metrics.nll == 0.5 and record.cost.flops == 22
+    assert record.teacher_file is None and record.reason is None and record.ok
+    assert record.extras == {"peer_accuracies": [0.7, 0.72]}  # the method's own field, beside the common ones
+    assert record.to_json() == stored
+
+    failed = {"method": "KD", "model": "ResNet18", "teacher": "ResNet50", "seed": 1, "status": "failed",
+              "protocol": "common", "reason": "diverged"}
+    assert RunRecord.from_json(failed).result is None and RunRecord.from_json(failed).to_json() == failed

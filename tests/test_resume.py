@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import run_experiment
-from kd import runtime, trainer
-from kd.checkpoint import load_state
+from kd.engine import run, runtime
+from kd.engine.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "test_accuracy",
@@ -105,7 +105,7 @@ def test_sigkill_during_a_student_run_then_resume(tmp_path, reference, capsys):
 # Dies exactly as kill -9 would (no cleanup) in the middle of writing the KD run's state file.
 MID_WRITE_DRIVER = """
 import os, sys
-import kd.checkpoint as checkpoint
+from kd.engine import checkpoint
 original = checkpoint.atomic_write
 def dying_write(path, write, mode="wb"):
     if str(path).endswith("KD_seed0.pt") and os.path.exists(path):
@@ -209,7 +209,7 @@ CHEAP = ["--precision", "auto", "--methods", "KD", "--student-epochs", "2"]  # l
 
 def _interrupted_after_first_epoch(argv: list[str], monkeypatch, method: str = "KD") -> Path:
     """Run the experiment in this process and stop it (as Ctrl-C would) once `method` saved its first epoch."""
-    original = trainer._Run.end_epoch
+    original = run.TrainingRun.end_epoch
 
     def end_epoch(self, epoch, *args):
         original(self, epoch, *args)
@@ -217,7 +217,7 @@ def _interrupted_after_first_epoch(argv: list[str], monkeypatch, method: str = "
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer._Run, "end_epoch", end_epoch)
+        patch.setattr(run.TrainingRun, "end_epoch", end_epoch)
         assert run_experiment.cli(argv) == 130
     return next(Path(argv[argv.index("--logs-dir") + 1]).glob("final_experiment_*"))
 

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import final
-from kd import runtime
-from kd.baseline import Baseline
-from kd.checkpoint import load_checkpoint
-from kd.data import load_image_data
-from kd.metrics import prediction_metrics
-from kd.runtime import Runtime, resolve_precision
-from kd.trainer import RunSpec, evaluate, fit
+from kd.data.load import load_image_data
+from kd.engine import runtime
+from kd.engine.checkpoint import load_checkpoint
+from kd.engine.evaluation import evaluate
+from kd.engine.run import RunSpec
+from kd.engine.runtime import Runtime, resolve_precision
+from kd.engine.trainer import fit
+from kd.methods.baseline import Baseline
+from kd.results.metrics import prediction_metrics
 from models import build_resnet
 
 CUDA0 = torch.device("cuda", 0)
@@ -65,10 +67,10 @@ def test_evaluation_scores_the_checkpoint_in_float32(tmp_path, make_image_folder
     fp32 = evaluate(Baseline(fp32_runtime.place(plain)), data, "val", 8, fp32_runtime)
     assert best_val.probs.dtype == torch.float32
     assert torch.allclose(best_val.probs, fp32.probs, rtol=0, atol=1e-5)
-    assert result["best_accuracy"] == fp32.accuracies["student"]
+    assert result.best_accuracy == fp32.accuracies["student"]
     recorded, reloaded = (prediction_metrics(e.probs, e.labels, None) for e in (best_val, fp32))
-    assert recorded["nll"] == pytest.approx(reloaded["nll"], rel=1e-5)
-    assert recorded["ece"] == pytest.approx(reloaded["ece"], abs=1e-5)
+    assert recorded.nll == pytest.approx(reloaded.nll, rel=1e-5)
+    assert recorded.ece == pytest.approx(reloaded.ece, abs=1e-5)
 
 
 class _LoggedStopwatch(runtime.Stopwatch):

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import final
-from kd import METHODS, trainer
-from kd.data import load_image_data
-from kd.experiment import method_groups
-from kd.runtime import Runtime
-from kd.trainer import RunSpec, fit_together
+from kd.data.load import load_image_data
+from kd.engine import run
+from kd.engine.run import RunSpec
+from kd.engine.runtime import Runtime
+from kd.engine.trainer import fit_together
+from kd.experiment.plan import method_groups
+from kd.methods import METHODS
 from models import build_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 # with memory banks and per-image indices, pre-activation stage inputs with a warm-up)
 TEACHER_BASED = ["KD", "AT", "FitNets", "DKD", "CRD", "ReviewKD"]
 # the forward count: every teacher-based method, each with its own hooks on the one teacher
-ALL_TEACHER_BASED = [name for name, cls in METHODS.items() if cls.needs_teacher]
+ALL_TEACHER_BASED = [name for name, method in METHODS.items() if method.distiller.needs_teacher]
 CRD_NCE_K = 16  # negatives per anchor: no more than the other classes' images (16 here), none repeated
 COMPARED = ("method", "seed", "best_accuracy", "final_accuracy", "best_epoch", "student_init_sha256",
             "first_batch_sha256", "nll", "ece")
@@ -64,11 +66,11 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
     cfg = final.create_student_config(epochs=1, batch_size=8)
     settings = final.default_config()["methods"]
     settings["CRD"].update(nce_k=CRD_NCE_K)
-    monkeypatch.setattr(trainer, "_save", lambda *args: None)  # no checkpoints: not what is counted here
+    monkeypatch.setattr(run, "_save", lambda *args: None)  # no checkpoints: not what is counted here
     assert len(ALL_TEACHER_BASED) == 12
     jobs = []
     for name in ALL_TEACHER_BASED:
-        distiller = METHODS[name](build_resnet("ResNet18", 3, "cifar"), teacher, **settings[name])
+        distiller = METHODS[name].distiller(build_resnet("ResNet18", 3, "cifar"), teacher, **settings[name])
         jobs.append((distiller, RunSpec(name, cfg, 0, tmp_path / "tb" / name, tmp_path / "ckpt" / name, {})))
     calls = []  # counted from here: building the feature methods probed the teacher's stages once
     teacher.register_forward_hook(lambda *_: calls.append(1))
@@ -80,8 +82,8 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
 
     batches = 3  # 24 training images, batch size 8
     assert len(calls) == batches  # not 12 methods x 3 batches: evaluation never runs the teacher here
-    assert [result["history"][0]["images"] for result, _ in outcomes] == [24] * len(ALL_TEACHER_BASED)
-    losses = {name: result["history"][0]["train_loss"] for name, (result, _) in zip(ALL_TEACHER_BASED, outcomes)}
+    assert [result.history[0]["images"] for result, _ in outcomes] == [24] * len(ALL_TEACHER_BASED)
+    losses = {name: result.history[0]["train_loss"] for name, (result, _) in zip(ALL_TEACHER_BASED, outcomes)}
     # every method's own term was computed from that one forward (its hooks on the teacher all filled)
     assert {"loss_crd", "loss_reviewkd", "loss_sp", "loss_rkd", "loss_pkt", "loss_dkd", "loss_dist"} <= set().union(
         *(set(loss) for loss in losses.values()))

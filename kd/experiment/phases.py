@@ -1,0 +1,184 @@
+"""The phases of an experiment, in the order final.main runs them: resume checks, the plan, the start (the
+experiment folder), training (the teacher, then every run) and the finish. Each phase gets what it needs and
+returns what the next one uses (`Resumed`, `Plan`, `Progress`); nothing is filled in later by other modules."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kd.engine import distributed
+from kd.errors import UserError
+from kd.experiment.estimate import StepTimes, describe_estimate, estimate_seconds, time_steps
+from kd.experiment.logs import setup_logging
+from kd.experiment.plan import describe_plan, groups_to_train
+from kd.experiment.resume import first_difference, kept_precision
+from kd.experiment.runs import run_methods
+from kd.experiment.setup import Setup
+from kd.experiment.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
+from kd.experiment.teacher import TeacherSource, find_teacher, obtain_teacher
+from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_results
+from kd.results.record import TEACHER, RunRecord
+from kd.results.table import format_table
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class Resumed:
+    """An unfinished experiment to continue: its folder, its finished runs and its summary so far."""
+    folder: ExperimentFolder
+    records: list[RunRecord]
+    summary: dict
+
+
+def check_resume(setup: Setup, exp_dir: Path, records: list[RunRecord], summary: dict) -> tuple[Setup, Resumed]:
+    """Refuse to continue an experiment whose settings or images changed; continue it in the precision it
+    started in. Its failed runs are tried again."""
+    difference = first_difference(summary["config"], setup.config)
+    if summary["data"]["fingerprint"] != setup.data.fingerprint:
+        difference = f"the images in {setup.data.root} changed"
+    if difference:
+        raise UserError(f"cannot resume {exp_dir}: {difference}; resume with the same settings or start "
+                        "a new experiment without --resume")
+    setup = dataclasses.replace(setup, runtime=kept_precision(setup.runtime, summary["environment"]["precision"],
+                                                              exp_dir))
+    return setup, Resumed(ExperimentFolder(exp_dir, summary["stamp"]), [r for r in records if r.ok], summary)
+
+
+@dataclass
+class Plan:
+    """What the experiment will do, settled before anything is written."""
+    teacher: TeacherSource | None  # None on the processes that get the teacher from rank 0 (--parallel runs)
+    times: StepTimes | None        # timed training steps (--check's estimate, the --parallel runs queue)
+    units: list[Unit] | None       # the --parallel runs queue; None when one process trains every run
+
+
+def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
+    """Print the plan; find the teacher; time a few steps and queue the runs where they are needed."""
+    if distributed.is_main():
+        print(describe_plan(setup))
+    spread = distributed.spreads_runs()
+    finished = resumed.records if resumed else None
+    # spread over processes, only rank 0 looks for a saved teacher: the others get it from rank 0, and on
+    # other machines the file need not exist
+    teacher = find_teacher(setup, finished) if distributed.is_main() or not spread else None
+    timed = distributed.is_main() and (check_only or spread)
+    times = time_steps(setup, train_teacher=teacher.checkpoint is None) if timed else None
+    units = None
+    if spread:
+        units = queue(setup, finished or [], times)
+        devices = distributed.gather_objects(device_text(setup.runtime.device))
+        if distributed.is_main():  # also when training: the queue and its estimate are part of the plan
+            print(describe_spread(setup, units, times, devices))
+    return Plan(teacher, times, units)
+
+
+def report_check(setup: Setup, plan: Plan) -> None:
+    """--check: the time estimate (the spread's is in its plan), and that nothing was trained."""
+    if distributed.is_main() and plan.units is None:
+        print(describe_estimate(estimate_seconds(setup, plan.times), setup))
+    print("check passed: data and config are valid; nothing was trained")
+
+
+@dataclass
+class Progress:
+    """The experiment as it trains: its folder, the records so far (rewritten to disk after every run) and
+    its summary."""
+    setup: Setup
+    folder: ExperimentFolder
+    records: list[RunRecord]
+    summary: dict
+    started: float = field(default_factory=time.perf_counter)  # the clock, less the time before a resume
+
+    @property
+    def resume_hint(self) -> str:
+        return f"Finished runs are saved; continue with: python run_experiment.py --resume {self.folder.path}"
+
+    def teacher_done(self, record: RunRecord) -> None:
+        if not self.records:  # a resumed experiment keeps its teacher's first record
+            self.records.append(record)
+            teacher_file = record.teacher_file
+            self.summary["teacher"] = {"path": teacher_file.checkpoint, "sha256": teacher_file.sha256,
+                                       "accuracy": record.result.best_accuracy, "reused": teacher_file.reused}
+        self.runs_done([TEACHER], self.records[0].seed)
+
+    def unit_done(self, unit: Unit, records: list[RunRecord], process: int) -> None:
+        log.info("%s finished on process %d: %s", unit, process, ", ".join(f"{r.method} {r.status}" for r in records))
+        self.records.extend(records)
+        self.runs_done([], unit.seed)
+
+    def runs_done(self, names: list[str], seed: int) -> None:
+        """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
+        runs' resume state: from here on they count as finished."""
+        self.summary["total_time"] = time.perf_counter() - self.started
+        # in plan order, however the runs were spread over processes or interrupted and resumed
+        self.records.sort(key=_plan_order(self.setup))
+        write_results(self.folder.path, self.records, self.summary)
+        for name in names:
+            self.folder.resume_path(name, seed).unlink(missing_ok=True)
+
+
+def _plan_order(setup: Setup) -> Callable[[RunRecord], int]:
+    """Sort key of records: the teacher, then seed by seed the methods in training order."""
+    order = {(method, seed): i for i, (seed, method) in enumerate(
+        (seed, method) for seed, group in groups_to_train(setup) for method in group)}
+    return lambda record: -1 if record.method == TEACHER else order[(record.method, record.seed)]
+
+
+def start(setup: Setup, resumed: Resumed | None) -> Progress:
+    """A new experiment folder with its empty results (from then on it can be resumed), or the resumed one;
+    its log file."""
+    setup.planned()
+    if resumed is None:
+        folder = create_experiment_dir(setup.logs)
+        progress = Progress(setup, folder, [], experiment_summary(setup, folder))
+        write_results(folder.path, progress.records, progress.summary)
+    else:
+        progress = Progress(setup, resumed.folder, resumed.records, resumed.summary,
+                            time.perf_counter() - resumed.summary.get("total_time", 0.0))
+    setup_logging(progress.folder.path / "final_experiment.log")
+    log.info("Experiment folder: %s%s", progress.folder.path, " (resumed)" if resumed else "")
+    return progress
+
+
+def train(progress: Progress, plan: Plan) -> None:
+    """The teacher, then every run still to train: in this process (seed by seed, methods together), or
+    spread over the processes of a torchrun job (--parallel runs)."""
+    setup, folder = progress.setup, progress.folder
+    try:
+        if plan.units is not None:
+            stop_on_sigterm()
+            train_spread(setup, plan.teacher, plan.units, folder, progress.resume_hint, progress.teacher_done,
+                         progress.unit_done)
+            return
+        teacher, record = obtain_teacher(setup, plan.teacher, folder)
+        progress.teacher_done(record)
+        for seed, group in groups_to_train(setup, progress.records):  # runs finished before a stop are kept
+            progress.records.extend(run_methods(group, seed, setup, teacher, folder))
+            progress.runs_done(group, seed)
+    except KeyboardInterrupt:
+        log.error("Interrupted. %s", progress.resume_hint)
+        raise
+
+
+def finish(progress: Progress) -> list[RunRecord]:
+    """The final results, plots and report.md (rank 0 writes them), the table, and the failed runs named."""
+    if distributed.spreads_runs() and not distributed.is_main():
+        return progress.records  # rank 0 has every record and writes the results
+    summary, folder = progress.summary, progress.folder
+    summary["finished"] = True
+    leftover = folder.path / "resume"
+    if distributed.is_main() and leftover.is_dir() and not any(leftover.iterdir()):
+        leftover.rmdir()  # every run finished: nothing left to resume
+    table = write_results(folder.path, progress.records, summary, final=True)
+    if distributed.is_main():
+        print(format_table(table))
+    log.info("Total time %.1f s; results in %s", summary["total_time"], folder.path)
+    failed = [r for r in progress.records if not r.ok]
+    if failed:
+        log.error("%d run(s) failed: %s", len(failed), "; ".join(f"{r.method} seed {r.seed}: {r.reason}" for r in failed))
+    return progress.records

@@ -1,0 +1,101 @@
+"""The plan of an experiment: what it says before training (data, models, stages, notes), and the order in
+which its runs train."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable
+
+from kd.experiment.setup import Setup
+from kd.methods import METHODS
+from kd.results.record import RunRecord
+from models import ModelSpec, check_image_size, find_stages, pair_stages
+from models.weights import input_stats
+
+
+def _stage_lines(role: str, spec: ModelSpec, setup: Setup) -> tuple[list[str], list]:
+    model = setup.plain(spec)
+    stages = find_stages(model)
+    if not stages:
+        return [f"  {role} stages: none (no feature maps at growing strides, e.g. a transformer)"], stages
+    sizes = check_image_size(model, spec.name, setup.data.image_size)
+    described = ", ".join(f"{s.module} {s.channels}ch {size}x{size}" for s, size in zip(stages, sizes))
+    return [f"  {role} stages at {setup.data.image_size} px: {described}"], stages
+
+
+def _weights_text(spec: ModelSpec) -> str:
+    return "from scratch" if spec.weights is None else f"weights {spec.weights}"
+
+
+def describe_plan(setup: Setup) -> str:
+    config, data, exp = setup.config, setup.data, setup.config["experiment"]
+    teacher_cfg, student_cfg = config["teacher"], config["student"]
+    t_spec, s_spec = setup.teacher_spec, setup.student_spec
+    counts = ", ".join(f"{split} {n}" for split, n in data.counts.items())
+    if teacher_cfg["checkpoint"]:
+        teacher_start = (f"checkpoint {teacher_cfg['checkpoint']}, "
+                         + ("used as it is" if teacher_cfg["epochs"] == 0 else f"fine-tuned {teacher_cfg['epochs']} epochs"))
+    else:
+        teacher_start = f"{_weights_text(t_spec)}, {teacher_cfg['epochs']} epochs"
+    teacher_lines, teacher_stages = _stage_lines("teacher", t_spec, setup)
+    student_lines, student_stages = _stage_lines("student", s_spec, setup)
+    lines = [
+        f"data: {data.root} - {len(data.class_names)} classes ({', '.join(data.class_names[:12])}"
+        f"{', ...' if len(data.class_names) > 12 else ''}); images: {counts}; "
+        f"{data.ignored_files} non-image file(s) ignored",
+        f"images: {data.image_size}x{data.image_size} px, horizontal flip {'on' if exp['hflip'] else 'off'}; "
+        f"normalisation {setup.normalization}",
+        f"device: {setup.runtime.device}, precision {setup.runtime.precision}",
+        f"teacher: {t_spec.name} ({t_spec.source} {t_spec.builder}, {t_spec.stem} stem), {teacher_start}",
+        *teacher_lines,
+        f"students: {s_spec.name} ({s_spec.source} {s_spec.builder}, {s_spec.stem} stem), {_weights_text(s_spec)}, "
+        f"{student_cfg['epochs']} epochs, methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
+        *student_lines,
+    ]
+    if teacher_stages and student_stages:
+        how = "stage by stage" if len(teacher_stages) == len(student_stages) else "by stride"
+        pairs = ", ".join(f"{student_stages[i].module}<-{teacher_stages[j].module}"
+                          for i, j in pair_stages(student_stages, teacher_stages))
+        lines.append(f"  feature pairs (student<-teacher, {how}): {pairs}")
+    for spec in (t_spec, s_spec):
+        stats = input_stats(spec)
+        if stats is not None and stats.size and data.image_size < stats.size:
+            lines.append(f"note: {spec.name}'s weights were evaluated at {stats.size} px; this run uses "
+                         f"{data.image_size} px (experiment.image_size)")
+    student, teacher = setup.plain(s_spec), setup.plain(t_spec)
+    notes = dict.fromkeys(note for method in exp["methods"] for note in METHODS[method].distiller.plan_notes(student, teacher))
+    lines += [f"note: {note}" for note in notes]
+    for method in exp["methods"]:
+        own = setup.own_settings(method)
+        if own:
+            lines.append(f"note: {method} trains its own student ({', '.join(f'{k}={v}' for k, v in own.items())}): "
+                         "not under the common protocol, so its gain gets no p-value")
+    return "\n".join(lines)
+
+
+def method_groups(methods: list[str], share_teacher: bool,
+                  own_settings: Callable[[str], dict] = lambda method: {}) -> list[list[str]]:
+    """The order runs are trained in: with `share_teacher`, all teacher-based methods on the common student
+    form one group (trained together where the first of them stands); every other method trains alone."""
+    teacher_based = ([m for m in methods if METHODS[m].distiller.needs_teacher and not own_settings(m)]
+                     if share_teacher else [])
+    groups: list[list[str]] = []
+    for method in methods:
+        if method not in teacher_based:
+            groups.append([method])
+        elif method == teacher_based[0]:
+            groups.append(teacher_based)
+    return groups
+
+
+def groups_to_train(setup: Setup, records: Sequence[RunRecord] = ()) -> list[tuple[int, list[str]]]:
+    """Seed by seed, the methods trained together (`method_groups`) in training order, less the runs that
+    `records` already hold (finished before an interruption)."""
+    exp = setup.config["experiment"]
+    finished = {(r.method, r.seed) for r in records}
+    todo = []
+    for seed in exp["seeds"]:
+        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
+            group = [m for m in group if (m, seed) not in finished]
+            if group:
+                todo.append((seed, group))
+    return todo

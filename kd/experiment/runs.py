@@ -1,0 +1,104 @@
+"""One seed of methods trained: their students built alike, trained together, and their records completed."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kd.engine.evaluation import Evaluation
+from kd.engine.run import RunFailed, RunSpec, TrainingResult
+from kd.engine.trainer import fit_together
+from kd.experiment.setup import Setup
+from kd.methods import METHODS
+from kd.results.files import ExperimentFolder
+from kd.results.metrics import prediction_metrics
+from kd.results.record import RunRecord
+from models import ModelSpec
+from models.weights import InputStats
+
+log = logging.getLogger("kd")
+
+
+def file_tag(name: str) -> str:
+    """A model name as it appears in file and run names ("timm/resnet10t" -> "timm-resnet10t")."""
+    return name.replace("/", "-")
+
+
+def model_meta(spec: ModelSpec, setup: Setup, stats: InputStats | None = None) -> dict:
+    """What a checkpoint says about its model: enough to rebuild the plain library model and to check reuse."""
+    data = setup.data
+    mean, std = (list(stats.mean), list(stats.std)) if stats is not None else (data.mean, data.std)
+    return {"arch": spec.name, "source": spec.source, "builder": spec.builder, "weights": spec.weights,
+            "num_classes": len(data.class_names), "class_names": data.class_names, "image_size": data.image_size,
+            "stem": spec.stem, "mean": mean, "std": std, "data_fingerprint": data.fingerprint,
+            "torch_version": str(torch.__version__)}
+
+
+@dataclass
+class Teacher:
+    """The trained teacher the runs learn from."""
+    model: torch.nn.Module
+    predictions: torch.Tensor  # its val top-1, for each student's agreement with it
+
+
+def complete_record(record: RunRecord, result: TrainingResult, evaluation: Evaluation, setup: Setup,
+                    model: torch.nn.Module, teacher_predictions: torch.Tensor | None) -> RunRecord:
+    """Add the run's result, its best epoch's prediction metrics and the model's cost to a record."""
+    record.result = result
+    record.metrics = prediction_metrics(evaluation.probs, evaluation.labels, teacher_predictions)
+    record.cost = setup.cost(record.model, model)
+    return record
+
+
+def run_methods(methods: list[str], seed: int, setup: Setup, teacher: Teacher, folder: ExperimentFolder
+                ) -> list[RunRecord]:
+    """Train one student per method (several in one pass over the data) and return their records.
+
+    Every method of the group starts from the same weights: the student built from the seed (library
+    init or starting weights, and a new classifier drawn from the seed).
+    """
+    config = setup.config
+    seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
+    _, first_cfg, first_spec = setup.student_settings(methods[0])
+    torch.manual_seed(seed)
+    init_state = setup.build(first_spec).state_dict()
+    jobs, records = [], []
+    for name in methods:
+        settings, cfg, spec = setup.student_settings(name)
+        distiller_cls, tag = METHODS[name].distiller, file_tag(spec.name)
+        student = setup.build(spec, with_weights=False)
+        student.load_state_dict(init_state)  # the same starting weights for every method in this seed
+        torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
+        distiller = distiller_cls(student, teacher.model if distiller_cls.needs_teacher else None, **settings)
+        run_spec = RunSpec(name, cfg, seed, setup.logs / name / f"{name}_{tag}_Final_{folder.stamp}{seed_tag}",
+                           setup.checkpoints / "students" / f"{name}_{tag}{seed_tag}",
+                           {**model_meta(spec, setup), "method": name, "seed": seed, "epochs": cfg["epochs"],
+                            "config": {**cfg, **settings}}, folder.resume_path(name, seed))
+        jobs.append((distiller, run_spec))
+        column = setup.teacher_spec.name if distiller_cls.needs_teacher else distiller_cls.teacher_column
+        own = setup.own_settings(name)
+        records.append(RunRecord(name, spec.name, column, seed,
+                                 protocol="own: " + ", ".join(f"{k}={v}" for k, v in own.items()) if own else "common"))
+        log.info("Training %s student %s with %s (seed %d)", spec.name, name, settings or "CE only", seed)
+    if len(jobs) > 1:
+        log.info("%s train together, sharing one teacher forward per batch (--no-share-teacher: one by one)",
+                 ", ".join(methods))
+    try:
+        outcomes = fit_together(jobs, setup.data, setup.runtime)
+    finally:
+        for distiller, _ in jobs:
+            distiller.close()
+    for record, (distiller, _), outcome in zip(records, jobs, outcomes):
+        if isinstance(outcome, RunFailed):
+            log.error("%s failed: %s", record.method, outcome)
+            record.fail(str(outcome))
+            continue
+        result, best_val = outcome
+        complete_record(record, result, best_val, setup, distiller.student, teacher.predictions)
+        record.extras = distiller.record_extras(result.history, result.best_epoch)
+        declared = METHODS[record.method].record_fields
+        if record.extras.keys() != declared.keys():
+            raise TypeError(f"{record.method}'s record_extras gave {sorted(record.extras)}, its Method declares "
+                            f"record_fields {sorted(declared)}")
+    return records

@@ -1,0 +1,36 @@
+"""Helpers several methods share: the softened KL of KD, logit standardization and the loss warm-up."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each sample's logits as z-scores over the classes: (z - mean) / (eps + std), std unbiased.
+
+    Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024): the teacher's and the
+    student's logits then differ in shape only, not in scale, so the student need not match the teacher's
+    logit range (its gradient flows through its mean and std).
+    """
+    return (logits - logits.mean(dim=1, keepdim=True)) / (eps + logits.std(dim=1, keepdim=True))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            standardize: bool = False) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), averaged over the batch (on standardized logits with
+    `standardize`).
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones.
+    """
+    student, teacher = student_logits.float(), teacher_logits.detach().float()
+    if standardize:
+        student, teacher = standardize_logits(student), standardize_logits(teacher)
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """Linear loss warm-up per epoch, min((e + 1) / warmup_epochs, 1) for the 0-based epoch e (so the first
+    epoch already has 1/warmup_epochs, as in mdistiller); 1 without warm-up."""
+    return 1.0 if warmup_epochs == 0 else min((epoch + 1) / warmup_epochs, 1.0)

@@ -1,0 +1,67 @@
+"""How a method declares itself (`Method`), and the registry of every method (`METHODS`).
+
+Each method's file ends with `register(Method(...))`: its Distiller, the rule of every setting, the sentence
+report.md writes about it, its extra record fields, its cost in the time estimate and its tuning search
+space. Nothing outside kd/methods/ names a particular method: the rest of the project reads this registry.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kd.methods.base import Distiller
+from kd.rules import Rule
+
+
+def one_student(_settings: Mapping[str, Any]) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the project knows about one method, declared in the method's own file."""
+    name: str                             # as METHODS_CONFIG, --methods and the results spell it
+    distiller: type[Distiller]
+    settings: Mapping[str, Rule]          # every keyword-only argument of the Distiller, with its rule
+    idea: str                             # report.md's sentence: what the method does, and its paper
+    # extra record fields, as the Distiller's `record_extras` returns them -> their label in report.md
+    record_fields: Mapping[str, str] = field(default_factory=dict)
+    # student steps per batch against one student (DML trains one per peer), from the method's settings:
+    # the --check estimate and the --parallel runs queue count with it
+    cost: Callable[[Mapping[str, Any]], float] = one_student
+    # setting -> the values tuning may try; empty: the method declares no search space
+    search_space: Mapping[str, Any] = field(default_factory=dict)
+
+
+def constructor_settings(distiller: type[Distiller]) -> list[str]:
+    """The settings a Distiller takes: its keyword-only constructor arguments."""
+    parameters = inspect.signature(distiller.__init__).parameters.values()
+    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+class Registry(dict[str, Method]):
+    """Every registered method by name, in registration order (the order of `--methods all`)."""
+
+    def register(self, method: Method) -> Method:
+        """Add `method`; a declaration that does not fit its Distiller is refused here, at import time."""
+        if method.name in self:
+            raise ValueError(f"a method named {method.name} is registered already")
+        arguments = constructor_settings(method.distiller)
+        without_rule = [name for name in arguments if name not in method.settings]
+        without_argument = [name for name in method.settings if name not in arguments]
+        if without_rule or without_argument:
+            raise TypeError(f"{method.name}: every setting needs a rule and a keyword-only argument of "
+                            f"{method.distiller.__name__}; without a rule: {', '.join(without_rule) or '-'}; "
+                            f"not an argument: {', '.join(without_argument) or '-'}")
+        undeclared = [name for name in method.search_space if name not in method.settings]
+        if undeclared:
+            raise TypeError(f"{method.name}: its search_space names settings it does not have: "
+                            f"{', '.join(undeclared)}")
+        self[method.name] = method
+        return method
+
+
+METHODS = Registry()
+register = METHODS.register
