@@ -3,7 +3,6 @@ saved students load into the plain library models), starting weights without a n
 checkpoint, per-method student settings, and unknown model names."""
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -129,7 +128,7 @@ def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teache
     spec = _spec(student_name)
     student = build_model(spec, 3)
     distiller_cls = METHODS[method].distiller
-    settings = copy.deepcopy(final.METHODS_CONFIG[method])
+    settings = METHODS[method].resolve(final.METHODS_CONFIG[method], 1)
     if method == "CRD":
         settings["nce_k"] = CRD_NCE_K
     distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)

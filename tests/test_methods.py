@@ -80,7 +80,7 @@ def make_distiller(name: str, seed: int = 0, **overrides):
     student = make_student(seed)
     teacher = make_teacher() if cls.needs_teacher else None
     torch.manual_seed(seed + 1)  # DML's extra peers / BYOT's heads draw from the global RNG
-    distiller = cls(student, teacher, **{**METHODS_CONFIG[name], **overrides})
+    distiller = cls(student, teacher, **methods.METHODS[name].resolve({**METHODS_CONFIG[name], **overrides}, 50))
     distiller.attach_data(TRAIN_LABELS, seed)
     return distiller
 

@@ -92,14 +92,16 @@ def tiny_net(width: int, seed: int) -> torch.nn.Module:
 
 def make_distiller(name: str, seed: int = 0, teacher: torch.nn.Module | None = None, tiny: bool = False,
                    **overrides) -> methods.Distiller:
-    """The method with its METHODS_CONFIG settings on a ResNet18 student and (by default) a ResNet18 teacher;
-    `tiny`: a tiny_net student (width 8) and teacher (width 12) instead."""
-    cls = methods.METHODS[name].distiller
+    """The method with its METHODS_CONFIG settings (as a run of 50 epochs resolves them) on a ResNet18 student
+    and (by default) a ResNet18 teacher; `tiny`: a tiny_net student (width 8) and teacher (width 12) instead."""
+    method = methods.METHODS[name]
+    cls = method.distiller
     student = tiny_net(8, seed) if tiny else make_resnet("ResNet18", seed)
     if cls.needs_teacher and teacher is None:
         teacher = randomize_bn(tiny_net(12, 100) if tiny else make_resnet("ResNet18", 100), 7).eval()
     torch.manual_seed(seed + 1)
-    distiller = cls(student, teacher if cls.needs_teacher else None, **{**final.METHODS_CONFIG[name], **overrides})
+    settings = method.resolve({**final.METHODS_CONFIG[name], **overrides}, 50)
+    distiller = cls(student, teacher if cls.needs_teacher else None, **settings)
     distiller.attach_data(TRAIN_LABELS, seed)
     return distiller
 
@@ -350,21 +352,32 @@ def test_crd_state_holds_memory_and_embeddings_but_the_student_does_not():
 # ============================================================================= 3. the loss warm-ups
 @pytest.mark.parametrize("name, term", [("DKD", "dkd"), ("DKD_LS", "dkd"), ("ReviewKD", "reviewkd")])
 def test_warmup_weight_per_epoch_scales_only_the_distillation_term(name, term):
+    # unset, the warm-up is the references' 20 of 240 epochs as a share of the run: 50 * 20/240 = 4.17 -> 4
+    assert final.METHODS_CONFIG[name]["warmup_epochs"] is None
     distiller = make_distiller(name, tiny=name != "ReviewKD").train()  # ReviewKD needs stages
-    assert final.METHODS_CONFIG[name]["warmup_epochs"] == 20
-    for epoch, weight in ((0, 0.05), (4, 0.25), (9, 0.5), (18, 0.95), (19, 1.0), (35, 1.0)):
+    assert distiller.warmup_epochs == 4
+    for epoch, weight in ((0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0), (35, 1.0)):
         distiller.start_epoch(epoch, 50)
         assert distiller.loss_weights() == {term: pytest.approx(weight)}
     images, targets = make_batch()
     distiller.start_epoch(0, 50)
     _, first = distiller.forward_train(images, targets)
-    distiller.start_epoch(9, 50)
-    _, tenth = distiller.forward_train(images, targets)
+    distiller.start_epoch(3, 50)
+    _, fourth = distiller.forward_train(images, targets)
     assert set(first) == {"loss_ce", f"loss_{term}"}
     assert first[f"loss_{term}"].item() > 0
-    assert tenth[f"loss_{term}"].item() == pytest.approx(10 * first[f"loss_{term}"].item(), rel=1e-5)
-    assert tenth["loss_ce"].item() == pytest.approx(first["loss_ce"].item(), rel=1e-6)
+    assert fourth[f"loss_{term}"].item() == pytest.approx(4 * first[f"loss_{term}"].item(), rel=1e-5)
+    assert fourth["loss_ce"].item() == pytest.approx(first["loss_ce"].item(), rel=1e-6)
+    assert distiller.record_extras([], 1) == {"warmup_epochs": 4}  # the record shows the value it used
     distiller.close()
+
+
+@pytest.mark.parametrize("epochs, warmup", [(240, 20), (50, 4), (4, 1), (1, 1), (30, 2), (200, 17)])
+def test_an_unset_warmup_is_the_references_share_of_the_run(epochs, warmup):
+    for name in ("DKD", "DKD_LS", "ReviewKD"):
+        method = methods.METHODS[name]
+        assert method.resolve(final.METHODS_CONFIG[name], epochs)["warmup_epochs"] == warmup, name
+        assert method.resolve({**final.METHODS_CONFIG[name], "warmup_epochs": 7}, epochs)["warmup_epochs"] == 7
 
 
 def test_without_warmup_the_weight_is_one_and_other_methods_report_none():
@@ -514,7 +527,7 @@ def test_reviewkd_with_a_non_resnet_teacher_uses_the_stage_outputs():
     resnet_notes = ReviewKD.plan_notes(student, make_resnet())
     assert len(resnet_notes) == 1 and "pre-ReLU" in resnet_notes[0] and "after activation" not in resnet_notes[0]
 
-    distiller = ReviewKD(student, teacher, **final.METHODS_CONFIG["ReviewKD"]).train()
+    distiller = ReviewKD(student, teacher, **methods.METHODS["ReviewKD"].resolve(final.METHODS_CONFIG["ReviewKD"], 50)).train()
     assert distiller.teacher_layers == stages
     assert len(distiller.abfs) == len(stages) + 1 and distiller.abfs[-1].att_conv is None
     stage_outputs = {}
@@ -577,6 +590,9 @@ def test_check_with_all_methods_plans_all_fifteen(tmp_path, make_image_folder, c
     assert f"methods {', '.join(ALL_METHODS)}, seeds 0" in out
     assert "note: ReviewKD: the teacher's pre-ReLU stage outputs come from hooks" in out
     assert "trains its own student" not in out  # DKD's warmup_epochs is no student setting
+    for method in ("DKD", "ReviewKD", "DKD_LS"):  # the effective warm-up of an unset one
+        assert (f"note: {method}: warmup_epochs 1 of its 1 epochs (unset: the references' 20 of 240 epochs); "
+                f"set methods.{method}.warmup_epochs to choose") in out
     assert "check passed" in out
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt").exists()
 
@@ -586,7 +602,7 @@ BAD_VALUES = [
     ("DKD", "tckd_weight", -0.1), ("DKD", "nckd_weight", -1), ("DKD_LS", "nckd_weight", "8"),
     ("DIST", "gamma", -0.5), ("RKD", "distance_weight", -1.0), ("RKD", "angle_weight", -0.01),
     ("DKD", "warmup_epochs", -1), ("DKD", "warmup_epochs", 2.5), ("DKD", "warmup_epochs", True),
-    ("ReviewKD", "warmup_epochs", -2), ("DKD_LS", "warmup_epochs", None),
+    ("ReviewKD", "warmup_epochs", -2), ("DKD_LS", "warmup_epochs", "20"),
     ("KD", "standardize", 1), ("KD_LS", "standardize", "yes"), ("DKD", "standardize", None),
     ("CRD", "feat_dim", 0), ("CRD", "feat_dim", 1.5), ("CRD", "feat_dim", True),
     ("CRD", "nce_k", 0), ("CRD", "nce_k", -3), ("CRD", "nce_t", 0), ("CRD", "nce_t", -0.07),
@@ -595,7 +611,8 @@ BAD_VALUES = [
 GOOD_VALUES = [
     ("DKD", "tckd_weight", 0), ("DKD", "nckd_weight", 2.0), ("DIST", "gamma", 0), ("DIST", "gamma", 5.0),
     ("RKD", "distance_weight", 0), ("RKD", "angle_weight", 0.0), ("DKD", "warmup_epochs", 0),
-    ("ReviewKD", "warmup_epochs", 5), ("KD", "standardize", True), ("DKD_LS", "standardize", False),
+    ("ReviewKD", "warmup_epochs", 5), ("DKD_LS", "warmup_epochs", None), ("KD", "standardize", True),
+    ("DKD_LS", "standardize", False),
     ("CRD", "feat_dim", 1), ("CRD", "nce_k", 1), ("CRD", "nce_t", 1e-3), ("CRD", "nce_m", 0), ("CRD", "nce_m", 0.99),
 ]
 
@@ -619,7 +636,8 @@ def test_bad_setting_in_a_full_config_and_by_set(tiny_config):
     tiny_config["methods"]["CRD"]["nce_m"] = 0.5
     from kd.experiment.config import apply_overrides
     apply_overrides(tiny_config, ["methods.DKD.warmup_epochs=-1"])
-    with pytest.raises(UserError, match=r"methods\.DKD\.warmup_epochs=-1: must be an integer >= 0"):
+    with pytest.raises(UserError, match=r"methods\.DKD\.warmup_epochs=-1: must be null \(the references' share of "
+                                        r"the epochs\) or an integer >= 0"):
         final.validate_config(tiny_config)
 
 
@@ -669,6 +687,7 @@ def nine_run(module_dir, make_image_folder):
                                "--precision", "fp32", "--set", "teacher.model=resnet18", "--set", "teacher.lr=0.01",
                                "--set", "experiment.image_size=8", "--set", "experiment.num_workers=0",
                                "--set", "methods.CRD.nce_k=4", "--set", "methods.CRD.feat_dim=16",
+                               "--set", "methods.DKD.warmup_epochs=20",  # explicit; DKD_LS and ReviewKD unset
                                "--logs-dir", str(base / "logs"), "--checkpoints-dir", str(base / "ckpt")])
     experiments = list((base / "logs").glob("final_experiment_*"))
     assert len(experiments) == 1, experiments
@@ -697,9 +716,14 @@ def test_nine_methods_run_ok_with_finite_losses(nine_run):
 
 def test_nine_methods_history_has_the_warmup_weights(nine_run):
     records = {r["method"]: r for r in nine_run["records"]}
-    assert records["DKD"]["history"][0]["loss_weights"] == {"dkd": pytest.approx(0.05)}
-    assert records["DKD_LS"]["history"][0]["loss_weights"] == {"dkd": pytest.approx(0.05)}
-    assert records["ReviewKD"]["history"][0]["loss_weights"] == {"reviewkd": pytest.approx(0.05)}
+    assert records["DKD"]["history"][0]["loss_weights"] == {"dkd": pytest.approx(0.05)}  # 1 of 20 epochs
+    assert records["DKD"]["warmup_epochs"] == 20  # an explicit value wins
+    # unset, a warm-up is the references' share (20 of 240) of the 1-epoch run, at least 1 epoch: none at all
+    assert records["DKD_LS"]["history"][0]["loss_weights"] == {"dkd": 1.0}
+    assert records["ReviewKD"]["history"][0]["loss_weights"] == {"reviewkd": 1.0}
+    assert records["DKD_LS"]["warmup_epochs"] == records["ReviewKD"]["warmup_epochs"] == 1
+    report = (nine_run["exp"] / "report.md").read_text()
+    assert report.count("Loss warm-up epochs: 1.") == 2 and report.count("Loss warm-up epochs: 20.") == 1
     for method in ("DIST", "CRD", "RKD", "SP", "PKT", "KD_LS"):
         assert "loss_weights" not in records[method]["history"][0], method
 

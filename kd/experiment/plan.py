@@ -69,6 +69,11 @@ def describe_plan(setup: Setup) -> str:
         if own:
             lines.append(f"note: {method} trains its own student ({', '.join(f'{k}={v}' for k, v in own.items())}): "
                          "not under the common protocol, so its gain gets no p-value")
+        settings, student_cfg, _ = setup.student_settings(method)
+        for key, share in METHODS[method].epoch_shares.items():
+            if config["methods"][method][key] is None:
+                lines.append(f"note: {method}: {key} {settings[key]} of its {student_cfg['epochs']} epochs "
+                             f"({share.source}); set methods.{method}.{key} to choose")
     return "\n".join(lines)
 
 

@@ -50,12 +50,12 @@ class Setup:
         return self._costs[arch]
 
     def student_settings(self, method: str) -> tuple[dict, dict, ModelSpec]:
-        """(loss settings, student config, model spec) of a method: the common student unless its entry in
-        METHODS_CONFIG overrides student keys."""
+        """(loss settings as its Distiller gets them, student config, model spec) of a method: the common student
+        unless its entry in METHODS_CONFIG overrides student keys; an unset epoch share is its epochs."""
         settings, overrides = split_method_settings(self.config["methods"][method], METHODS[method])
         cfg = {**self.config["student"], **overrides}
         spec = self.student_spec if cfg == self.config["student"] else self.spec(cfg)
-        return settings, cfg, spec
+        return METHODS[method].resolve(settings, cfg["epochs"]), cfg, spec
 
     def own_settings(self, method: str) -> dict:
         """The student keys a method sets to values other than the common student's (empty: common protocol)."""

@@ -4,6 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kd.methods.registry import EpochShare
+from kd.rules import NON_NEGATIVE_INT, Rule
+
+# DKD's and ReviewKD's loss warm-up: 20 of the 240 epochs of mdistiller's CIFAR-100 recipes
+# (configs/cifar100/dkd/ and reviewkd/: WARMUP 20, SOLVER.EPOCHS 240), the same share of a run of any length
+WARMUP_SHARE = EpochShare(20 / 240, "unset: the references' 20 of 240 epochs")
+WARMUP_RULE = Rule("null (the references' share of the epochs) or an integer >= 0",
+                   lambda value: value is None or NON_NEGATIVE_INT.check(value))
+
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Each sample's logits as z-scores over the classes: (z - mean) / (eps + std), std unbiased.

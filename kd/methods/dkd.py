@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import standardize_logits, warmup_factor
+from kd.methods.common import WARMUP_RULE, WARMUP_SHARE, standardize_logits, warmup_factor
 from kd.methods.registry import Method, register
-from kd.rules import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from kd.rules import BOOL, NON_NEGATIVE, POSITIVE
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, alpha: float,
@@ -63,6 +63,9 @@ class DKD(Distiller):
     def loss_weights(self) -> dict[str, float]:
         return {"dkd": self.warmup}
 
+    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
+        return {"warmup_epochs": self.warmup_epochs}  # its share of the epochs when METHODS_CONFIG leaves it unset
+
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
@@ -75,8 +78,10 @@ class DKD(Distiller):
 
 
 DKD_SETTINGS = {"ce_weight": NON_NEGATIVE, "tckd_weight": NON_NEGATIVE, "nckd_weight": NON_NEGATIVE,
-                "temperature": POSITIVE, "warmup_epochs": NON_NEGATIVE_INT, "standardize": BOOL}
+                "temperature": POSITIVE, "warmup_epochs": WARMUP_RULE, "standardize": BOOL}
+DKD_DECLARATION = {"record_fields": {"warmup_epochs": "Loss warm-up epochs"},
+                   "epoch_shares": {"warmup_epochs": WARMUP_SHARE}}
 
 register(Method("DKD", DKD, DKD_SETTINGS,
                 idea="Zhao et al. (CVPR 2022): KD split into a target-class and a non-target-class term, weighted "
-                     "separately, with a warm-up of the distillation weight."))
+                     "separately, with a warm-up of the distillation weight.", **DKD_DECLARATION))

@@ -20,6 +20,18 @@ def one_student(_settings: Mapping[str, Any]) -> float:
 
 
 @dataclass(frozen=True)
+class EpochShare:
+    """A setting counted in epochs whose `null` in METHODS_CONFIG means a share of the run's epochs: a default
+    the references set for their run length (240 epochs on CIFAR-100) keeps its fraction in a shorter run."""
+    fraction: float
+    source: str  # where the fraction comes from, for the plan
+
+    def epochs(self, run_epochs: int) -> int:
+        """The fraction of `run_epochs`, rounded, at least 1."""
+        return max(1, round(self.fraction * run_epochs))
+
+
+@dataclass(frozen=True)
 class Method:
     """Everything the project knows about one method, declared in the method's own file."""
     name: str                             # as METHODS_CONFIG, --methods and the results spell it
@@ -31,8 +43,15 @@ class Method:
     # student steps per batch against one student (DML trains one per peer), from the method's settings:
     # the --check estimate and the --parallel runs queue count with it
     cost: Callable[[Mapping[str, Any]], float] = one_student
+    # settings counted in epochs whose `null` means a share of the run's epochs
+    epoch_shares: Mapping[str, EpochShare] = field(default_factory=dict)
     # setting -> the values tuning may try; empty: the method declares no search space
     search_space: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve(self, settings: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+        """The settings the Distiller gets for a run of `epochs`: an unset epoch share becomes its epochs."""
+        return {key: (self.epoch_shares[key].epochs(epochs) if value is None and key in self.epoch_shares else value)
+                for key, value in settings.items()}
 
 
 def constructor_settings(distiller: type[Distiller]) -> list[str]:
@@ -55,9 +74,9 @@ class Registry(dict[str, Method]):
             raise TypeError(f"{method.name}: every setting needs a rule and a keyword-only argument of "
                             f"{method.distiller.__name__}; without a rule: {', '.join(without_rule) or '-'}; "
                             f"not an argument: {', '.join(without_argument) or '-'}")
-        undeclared = [name for name in method.search_space if name not in method.settings]
+        undeclared = [name for name in (*method.epoch_shares, *method.search_space) if name not in method.settings]
         if undeclared:
-            raise TypeError(f"{method.name}: its search_space names settings it does not have: "
+            raise TypeError(f"{method.name}: its epoch_shares or search_space name settings it does not have: "
                             f"{', '.join(undeclared)}")
         self[method.name] = method
         return method

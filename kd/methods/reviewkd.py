@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import warmup_factor
+from kd.methods.common import WARMUP_RULE, WARMUP_SHARE, warmup_factor
 from kd.methods.registry import Method, register
-from kd.rules import NON_NEGATIVE, NON_NEGATIVE_INT
+from kd.rules import NON_NEGATIVE
 from models import classifier_name, find_stages, pair_stages
 
 
@@ -111,6 +111,9 @@ class ReviewKD(Distiller):
     def loss_weights(self) -> dict[str, float]:
         return {"reviewkd": self.warmup}
 
+    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
+        return {"warmup_epochs": self.warmup_epochs}  # its share of the epochs when METHODS_CONFIG leaves it unset
+
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
@@ -129,6 +132,7 @@ class ReviewKD(Distiller):
 
 
 register(Method(
-    "ReviewKD", ReviewKD, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE_INT},
+    "ReviewKD", ReviewKD, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "warmup_epochs": WARMUP_RULE},
     idea="Chen et al. (CVPR 2021): attention-based fusion modules combine each student stage with the deeper "
-         "ones and match the result to the teacher's same stage."))
+         "ones and match the result to the teacher's same stage.",
+    record_fields={"warmup_epochs": "Loss warm-up epochs"}, epoch_shares={"warmup_epochs": WARMUP_SHARE}))
