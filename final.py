@@ -86,7 +86,7 @@ EXPERIMENT_CONFIG = {
     "seeds": [0],
     "device": "auto",             # auto | cpu | cuda | cuda:N | mps
     "precision": "auto",          # auto | fp32 | bf16 | fp16
-    "image_size": "auto",         # "auto" (typical shorter side of the images, 8..224) or pixels
+    "image_size": "auto",         # "auto" (typical shorter side of the images, 16..224) or pixels (8..1024)
     "stem": "auto",               # auto (cifar when image_size <= 64) | cifar | imagenet
     "hflip": True,                # random horizontal flips (off for digits and text)
     "cache_max_gb": 4.0,          # decode images into memory when they fit, else stream from disk

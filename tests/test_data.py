@@ -374,3 +374,10 @@ def test_data_path_values_are_unchanged(tmp_path, make_image_folder):
         assert [tensor_digest(*b[:2]) for b in data.train_batches(3, 1, 4, CPU, True)] == digests
         assert [tensor_digest(*b) for b in data.eval_batches("val", 4, CPU, True)] == ['a54b649ae6191f93',
                                                                                         '9b2cf75b03c57267']
+
+
+def test_readme_and_final_py_give_the_auto_size_range_the_code_clamps_to():
+    low, high = AUTO_SIZE_RANGE
+    repo = Path(__file__).resolve().parents[1]
+    assert f"clamped to {low}–{high} px" in (repo / "README.md").read_text(encoding="utf-8")
+    assert f"typical shorter side of the images, {low}..{high})" in (repo / "final.py").read_text(encoding="utf-8")
