@@ -92,7 +92,8 @@ class Distiller(nn.Module):
         return accuracies["student"]
 
     def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        """Method-specific fields for the results record (e.g. DML's per-peer accuracies)."""
+        """Method-specific fields for the results record (e.g. DML's per-peer accuracies): exactly the keys its
+        Method declares in `record_fields`."""
         return {}
 
     @staticmethod
