@@ -15,7 +15,9 @@ class Distiller(nn.Module):
     The teacher is kept in eval mode with gradients off for the whole run: its BatchNorm statistics
     never move and no gradient reaches it, whatever the trainer does with `train()`/`eval()`.
     Subclasses take their loss settings as keyword-only constructor arguments; those names are the
-    keys of the method's entry in METHODS_CONFIG.
+    keys of the method's entry in METHODS_CONFIG. Each writes its `forward_train` out in full (student
+    forward, teacher forward, its weighted terms), as mdistiller's distillers do: the few lines that
+    several share are the price of reading each method's loss in one place.
     """
 
     needs_teacher = False  # teacher-based methods get the trained teacher; their column names its arch

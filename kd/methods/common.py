@@ -12,6 +12,9 @@ from kd.rules import NON_NEGATIVE_INT, Rule
 WARMUP_SHARE = EpochShare(20 / 240, "unset: the references' 20 of 240 epochs")
 WARMUP_RULE = Rule("null (the references' share of the epochs) or an integer >= 0",
                    lambda value: value is None or NON_NEGATIVE_INT.check(value))
+# how a method with a loss warm-up declares it (Method's keyword arguments)
+WARMUP_DECLARATION = {"record_fields": {"warmup_epochs": "Loss warm-up epochs"},
+                      "epoch_shares": {"warmup_epochs": WARMUP_SHARE}}
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -43,3 +46,21 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     """Linear loss warm-up per epoch, min((e + 1) / warmup_epochs, 1) for the 0-based epoch e (so the first
     epoch already has 1/warmup_epochs, as in mdistiller); 1 without warm-up."""
     return 1.0 if warmup_epochs == 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
+class LossWarmup:
+    """A Distiller mixin: the distillation term's weight `self.warmup` rises linearly over `warmup_epochs`
+    (DKD, ReviewKD; CE is not warmed up). The weight goes to the history and TensorBoard under
+    `warmup_name`, the warm-up's length to the record (the value used, also when METHODS_CONFIG left it unset)."""
+    warmup_name: str
+    warmup_epochs: int
+    warmup: float = 1.0
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.warmup = warmup_factor(epoch, self.warmup_epochs)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {self.warmup_name: self.warmup}
+
+    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
+        return {"warmup_epochs": self.warmup_epochs}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import WARMUP_RULE, WARMUP_SHARE, standardize_logits, warmup_factor
+from kd.methods.common import WARMUP_DECLARATION, WARMUP_RULE, LossWarmup, standardize_logits
 from kd.methods.registry import Method, register
 from kd.rules import BOOL, NON_NEGATIVE, POSITIVE
 
@@ -47,7 +47,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
     return (alpha * tckd + beta * nckd) * temperature ** 2
 
 
-class DKD(Distiller):
+class DKD(LossWarmup, Distiller):
+    warmup_name = "dkd"
     needs_teacher = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, ce_weight: float, tckd_weight: float,
@@ -55,16 +56,6 @@ class DKD(Distiller):
         super().__init__(student, teacher)
         self.ce_weight, self.tckd_weight, self.nckd_weight = ce_weight, tckd_weight, nckd_weight
         self.temperature, self.warmup_epochs, self.standardize = temperature, warmup_epochs, standardize
-        self.warmup = 1.0
-
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        self.warmup = warmup_factor(epoch, self.warmup_epochs)  # CE is not warmed up, only the DKD term
-
-    def loss_weights(self) -> dict[str, float]:
-        return {"dkd": self.warmup}
-
-    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        return {"warmup_epochs": self.warmup_epochs}  # its share of the epochs when METHODS_CONFIG leaves it unset
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,9 +70,6 @@ class DKD(Distiller):
 
 DKD_SETTINGS = {"ce_weight": NON_NEGATIVE, "tckd_weight": NON_NEGATIVE, "nckd_weight": NON_NEGATIVE,
                 "temperature": POSITIVE, "warmup_epochs": WARMUP_RULE, "standardize": BOOL}
-DKD_DECLARATION = {"record_fields": {"warmup_epochs": "Loss warm-up epochs"},
-                   "epoch_shares": {"warmup_epochs": WARMUP_SHARE}}
-
 register(Method("DKD", DKD, DKD_SETTINGS,
                 idea="Zhao et al. (CVPR 2022): KD split into a target-class and a non-target-class term, weighted "
-                     "separately, with a warm-up of the distillation weight.", **DKD_DECLARATION))
+                     "separately, with a warm-up of the distillation weight.", **WARMUP_DECLARATION))

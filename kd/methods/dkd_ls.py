@@ -3,9 +3,10 @@
 The same Distiller as DKD with `standardize` on, under its own name, with the logit-standardization
 repository's settings in METHODS_CONFIG.
 """
-from kd.methods.dkd import DKD, DKD_DECLARATION, DKD_SETTINGS
+from kd.methods.common import WARMUP_DECLARATION
+from kd.methods.dkd import DKD, DKD_SETTINGS
 from kd.methods.registry import Method, register
 
 register(Method("DKD_LS", DKD, DKD_SETTINGS,
                 idea="Sun et al. (CVPR 2024): DKD on logits standardized per sample (zero mean, unit std).",
-                **DKD_DECLARATION))
+                **WARMUP_DECLARATION))

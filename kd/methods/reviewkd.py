@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import WARMUP_RULE, WARMUP_SHARE, warmup_factor
+from kd.methods.common import WARMUP_DECLARATION, WARMUP_RULE, LossWarmup
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
 from models import classifier_name, find_stages, pair_stages
@@ -70,9 +70,10 @@ def teacher_preactivations(teacher: nn.Module, stage_modules: list[str]) -> list
     return [f"{name}.{len(teacher.get_submodule(name)) - 1}.relu" for name in stage_modules]
 
 
-class ReviewKD(Distiller):
+class ReviewKD(LossWarmup, Distiller):
     """ReviewKD over the paired stages plus the pooled feature. The ABFs train with the student and are never
     saved with it."""
+    warmup_name = "reviewkd"
     needs_teacher = True
     needs_stages = ("student", "teacher")
 
@@ -80,7 +81,6 @@ class ReviewKD(Distiller):
                  warmup_epochs: int):
         super().__init__(student, teacher)
         self.ce_weight, self.beta, self.warmup_epochs = ce_weight, beta, warmup_epochs
-        self.warmup = 1.0
         student_stages, teacher_stages = find_stages(student), find_stages(teacher)
         pairs = pair_stages(student_stages, teacher_stages)
         self.student_layers = [student_stages[i].module for i, _ in pairs]
@@ -105,15 +105,6 @@ class ReviewKD(Distiller):
                     "stage outputs are used instead"]
         return ["ReviewKD: the teacher's pre-ReLU stage outputs come from hooks on each stage's last relu"]
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        self.warmup = warmup_factor(epoch, self.warmup_epochs)
-
-    def loss_weights(self) -> dict[str, float]:
-        return {"reviewkd": self.warmup}
-
-    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        return {"warmup_epochs": self.warmup_epochs}  # its share of the epochs when METHODS_CONFIG leaves it unset
-
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
@@ -135,4 +126,4 @@ register(Method(
     "ReviewKD", ReviewKD, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "warmup_epochs": WARMUP_RULE},
     idea="Chen et al. (CVPR 2021): attention-based fusion modules combine each student stage with the deeper "
          "ones and match the result to the teacher's same stage.",
-    record_fields={"warmup_epochs": "Loss warm-up epochs"}, epoch_shares={"warmup_epochs": WARMUP_SHARE}))
+    **WARMUP_DECLARATION))
