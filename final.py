@@ -144,7 +144,7 @@ def create_experiment_config(**overrides) -> dict:
 
 def create_method_config(method: str, **overrides) -> dict:
     """Validated loss settings of one method, e.g. create_method_config("KD", temperature=2.0)."""
-    settings = {**METHODS_CONFIG[method], **overrides}
+    settings = {**METHODS_CONFIG.get(method, {}), **overrides}  # a method without an entry: "lacks key(s)"
     return validate_methods({**METHODS_CONFIG, method: settings}, METHODS)[method]
 
 

@@ -6,6 +6,7 @@ setting is one line and exit 2. And no code outside kd/methods/ names a particul
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,9 @@ from torch import nn
 import final
 import run_experiment
 from kd.engine import run
+from kd.engine.result import RunResult, TrainingLog
 from kd.methods import METHODS, Distiller, Method, register
+from kd.results.record import ModelCost, PredictionMetrics, RunRecord, TeacherFile
 from kd.rules import NON_NEGATIVE, POSITIVE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +85,30 @@ def test_a_setting_without_a_rule_cannot_be_registered():
         register(Method("Toy", Toy, {"ce_weight": NON_NEGATIVE, "sharpness": POSITIVE, "temperature": POSITIVE},
                         idea=""))
     assert "Toy" not in METHODS
+
+
+class PositionalToy(Toy):
+    def __init__(self, student: nn.Module, teacher: nn.Module, sharpness: float, *, ce_weight: float):
+        super().__init__(student, teacher, ce_weight=ce_weight, sharpness=sharpness)
+
+
+def test_a_setting_must_be_keyword_only():
+    with pytest.raises(TypeError, match="its settings must be keyword-only; it takes student, teacher, sharpness"):
+        register(Method("Toy", PositionalToy, {"ce_weight": NON_NEGATIVE, "sharpness": POSITIVE}, idea=""))
+    assert "Toy" not in METHODS
+
+
+def test_no_method_declares_a_record_field_the_record_has_already():
+    common = RunRecord.from_json(_full_record()).to_json().keys()
+    for method in METHODS.values():
+        assert not set(method.record_fields) & set(common), method.name
+
+
+def _full_record() -> dict:
+    """A stored record with every part (values do not matter here)."""
+    parts = [TeacherFile, RunResult, TrainingLog, PredictionMetrics, ModelCost]
+    return {"method": "KD", "model": "m", "teacher": "t", "seed": 0, "status": "failed", "protocol": "common",
+            "reason": "r", **{f.name: 0 for part in parts for f in dataclasses.fields(part)}}
 
 
 def test_the_toy_gets_a_config_helper_checked_by_its_rule(toy):

@@ -182,9 +182,9 @@ def test_fit_lowers_the_training_loss(tmp_path, make_image_folder):
     model = build_resnet("ResNet18", 3, "cifar")
     spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline_ResNet18",
                    {"arch": "ResNet18", "epochs": 4})
-    result, _ = fit(Baseline(model), data, spec, Runtime(torch.device("cpu"), "fp32", channels_last=False))
+    result, log, _ = fit(Baseline(model), data, spec, Runtime(torch.device("cpu"), "fp32", channels_last=False))
 
-    history = result.history
+    history = log.history
     losses = [entry["train_loss"]["loss_ce"] for entry in history]
     assert len(history) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses
@@ -206,10 +206,10 @@ def test_step_lr_decays_where_the_yielded_batches_say(tmp_path, make_image_folde
     data = load_image_data(root, 8, hflip=False, num_workers=0)
     cfg = final.create_student_config(epochs=3, batch_size=32, step_size=1, gamma=0.1)
     spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline", {})
-    result, _ = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
+    _, log, _ = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
                     Runtime(torch.device("cpu"), "fp32", channels_last=False))
-    assert [h["images"] for h in result.history] == [32, 32, 32]
-    assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.001, 0.0001])
+    assert [h["images"] for h in log.history] == [32, 32, 32]
+    assert [h["lr"] for h in log.history] == pytest.approx([0.01, 0.001, 0.0001])
 
 
 def test_lr_factor_schedules():

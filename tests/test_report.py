@@ -509,6 +509,12 @@ def test_a_record_reads_back_into_its_typed_parts_and_writes_the_same_json():
     assert record.extras == {"peer_accuracies": [0.7, 0.72]}  # the method's own field, beside the common ones
     assert record.to_json() == stored
 
+    # a teacher used as it is: no training log in this experiment, so none of its keys
+    reused = _stored("Teacher", 0, 0.9, best_epoch=7, checkpoint="t.pth", sha256="ab", reused=True,
+                     per_class_accuracy=[0.9], confusion_matrix=[[9]], reliability={"count": [9]}, protocol="common")
+    record = RunRecord.from_json(reused)
+    assert record.training is None and record.teacher_file.reused is True and record.to_json() == reused
+
     failed = {"method": "KD", "model": "ResNet18", "teacher": "ResNet50", "seed": 1, "status": "failed",
               "protocol": "common", "reason": "diverged"}
     assert RunRecord.from_json(failed).result is None and RunRecord.from_json(failed).to_json() == failed

@@ -58,7 +58,7 @@ def test_evaluation_scores_the_checkpoint_in_float32(tmp_path, make_image_folder
     cfg = final.create_student_config(epochs=1, batch_size=8)
     torch.manual_seed(0)
     spec = RunSpec("Baseline", cfg, 0, tmp_path / "tb", tmp_path / "ckpt" / "Baseline", {})
-    result, best_val = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
+    result, _, best_val = fit(Baseline(build_resnet("ResNet18", 3, "cifar")), data, spec,
                            Runtime(torch.device("cpu"), "bf16", channels_last=True))
 
     plain = build_resnet("ResNet18", 3, "cifar")

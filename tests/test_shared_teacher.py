@@ -84,8 +84,8 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
 
     batches = 3  # 24 training images, batch size 8
     assert len(calls) == batches  # not 12 methods x 3 batches: evaluation never runs the teacher here
-    assert [result.history[0]["images"] for result, _ in outcomes] == [24] * len(ALL_TEACHER_BASED)
-    losses = {name: result.history[0]["train_loss"] for name, (result, _) in zip(ALL_TEACHER_BASED, outcomes)}
+    assert [log.history[0]["images"] for _, log, _ in outcomes] == [24] * len(ALL_TEACHER_BASED)
+    losses = {name: log.history[0]["train_loss"] for name, (_, log, _) in zip(ALL_TEACHER_BASED, outcomes)}
     # every method's own term was computed from that one forward (its hooks on the teacher all filled)
     assert {"loss_crd", "loss_reviewkd", "loss_sp", "loss_rkd", "loss_pkt", "loss_dkd", "loss_dist"} <= set().union(
         *(set(loss) for loss in losses.values()))

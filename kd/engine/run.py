@@ -18,6 +18,7 @@ from kd.data.batches import ImageData
 from kd.engine import distributed
 from kd.engine.checkpoint import load_state, save_checkpoint, save_state
 from kd.engine.evaluation import Evaluation, evaluate
+from kd.engine.result import RunResult, TrainingLog
 from kd.engine.runtime import Runtime
 from kd.errors import UserError
 from kd.methods.base import Distiller
@@ -42,22 +43,6 @@ def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@dataclass
-class TrainingResult:
-    """What a finished run reports; the run record (kd/results/record.py) holds it as it is."""
-    best_accuracy: float              # the selection score (val) at the best epoch
-    final_accuracy: float             # ... at the last epoch
-    best_epoch: int                   # from 1
-    test_accuracy: float | None       # on test/ at the best val epoch (None without test/)
-    final_test_accuracy: float | None  # on test/ at the last epoch
-    training_time: float              # seconds, evaluation included
-    epochs: int
-    images_per_s: float | None        # training images a second (None: not trained in this experiment)
-    student_init_sha256: str | None   # digests that show runs started alike
-    first_batch_sha256: str | None
-    history: list[dict] | None        # one entry per epoch
 
 
 @dataclass
@@ -210,23 +195,18 @@ class TrainingRun:
         evaluation = evaluate(self.distiller, self.data, "test", self.spec.train_cfg["batch_size"], self.runtime)
         return self.distiller.selection_score(evaluation.accuracies)
 
-    def result(self) -> tuple[TrainingResult, Evaluation]:
-        """Save the final checkpoint; the run's result and the val evaluation of its best epoch."""
+    def result(self) -> tuple[RunResult, TrainingLog, Evaluation]:
+        """Save the final checkpoint; the run's outcome, its log and the val evaluation of its best epoch."""
         progress, history, cfg = self.progress, self.history, self.spec.train_cfg
         _save(self.distiller, self.spec, "final", cfg["epochs"], progress["best_score"], progress["elapsed"])
-        return TrainingResult(
-            best_accuracy=progress["best_score"],
-            final_accuracy=history[-1]["score"],
-            best_epoch=progress["best_epoch"],
-            test_accuracy=progress["test_at_best"],
-            final_test_accuracy=self.test_score(),
-            training_time=progress["elapsed"],
-            epochs=cfg["epochs"],
-            images_per_s=sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
-            student_init_sha256=progress["student_init"],
-            first_batch_sha256=history[0]["first_batch_sha256"],
-            history=history,
-        ), self.best_eval
+        outcome = RunResult(best_accuracy=progress["best_score"], final_accuracy=history[-1]["score"],
+                            best_epoch=progress["best_epoch"], test_accuracy=progress["test_at_best"],
+                            training_time=progress["elapsed"], epochs=cfg["epochs"])
+        log = TrainingLog(final_test_accuracy=self.test_score(),
+                          images_per_s=sum(h["images"] for h in history) / sum(h["train_seconds"] for h in history),
+                          student_init_sha256=progress["student_init"],
+                          first_batch_sha256=history[0]["first_batch_sha256"], history=history)
+        return outcome, log, self.best_eval
 
 
 def _log_epoch(writer: SummaryWriter, spec: RunSpec, entry: dict) -> None:

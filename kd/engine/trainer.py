@@ -15,13 +15,14 @@ from tqdm import tqdm
 from kd.data.batches import ImageData
 from kd.engine import distributed
 from kd.engine.evaluation import Evaluation
-from kd.engine.run import RunFailed, RunSpec, TrainingResult, TrainingRun, tensor_digest
+from kd.engine.result import RunResult, TrainingLog
+from kd.engine.run import RunFailed, RunSpec, TrainingRun, tensor_digest
 from kd.engine.runtime import Runtime
 from kd.errors import UserError
 from kd.methods.base import Distiller
 
 
-def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[TrainingResult, Evaluation]:
+def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[RunResult, TrainingLog, Evaluation]:
     """Train one distiller (see `fit_together`); a diverged run raises RunFailed."""
     (outcome,) = fit_together([(distiller, spec)], data, runtime)
     if isinstance(outcome, RunFailed):
@@ -30,9 +31,9 @@ def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) 
 
 
 def fit_together(jobs: list[tuple[Distiller, RunSpec]], data: ImageData, runtime: Runtime
-                 ) -> list[tuple[TrainingResult, Evaluation] | RunFailed]:
-    """Train several distillers in one pass over the data; return each one's results (best/final accuracy,
-    history...) and the val evaluation of its best epoch, or the RunFailed that stopped it.
+                 ) -> list[tuple[RunResult, TrainingLog, Evaluation] | RunFailed]:
+    """Train several distillers in one pass over the data; return each one's outcome (best/final accuracy ...),
+    training log (history ...) and the val evaluation of its best epoch, or the RunFailed that stopped it.
 
     The runs share a seed and a batch size, so they see exactly the batches they would see one by one;
     their frozen teacher runs once per batch for all of them (its logits and hooked features are reused),

@@ -1,9 +1,8 @@
 """The phases of an experiment, in the order final.main runs them: resume checks, the plan, the start (the
 experiment folder), training (the teacher, then every run) and the finish. Each phase gets what it needs and
-returns what the next one uses (`Resumed`, `Plan`, `Progress`); nothing is filled in later by other modules."""
+returns what the next one uses (`Resumed`, `Plan`, `Progress`)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from kd.experiment.runs import run_methods
 from kd.experiment.setup import Setup
 from kd.experiment.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
 from kd.experiment.teacher import TeacherSource, find_teacher, obtain_teacher
-from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_results
+from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_records, write_results
 from kd.results.record import TEACHER, RunRecord
 from kd.results.table import format_table
 
@@ -44,8 +43,7 @@ def check_resume(setup: Setup, exp_dir: Path, records: list[RunRecord], summary:
     if difference:
         raise UserError(f"cannot resume {exp_dir}: {difference}; resume with the same settings or start "
                         "a new experiment without --resume")
-    setup = dataclasses.replace(setup, runtime=kept_precision(setup.runtime, summary["environment"]["precision"],
-                                                              exp_dir))
+    setup = setup.on(kept_precision(setup.runtime, summary["environment"]["precision"], exp_dir))
     return setup, Resumed(ExperimentFolder(exp_dir, summary["stamp"]), [r for r in records if r.ok], summary)
 
 
@@ -111,13 +109,17 @@ class Progress:
         self.records.extend(records)
         self.runs_done([], unit.seed)
 
+    def save(self) -> None:
+        write_records(self.folder.path, self.records)
+        write_results(self.folder.path, self.records, self.summary)
+
     def runs_done(self, names: list[str], seed: int) -> None:
         """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
         runs' resume state: from here on they count as finished."""
         self.summary["total_time"] = time.perf_counter() - self.started
         # in plan order, however the runs were spread over processes or interrupted and resumed
         self.records.sort(key=_plan_order(self.setup))
-        write_results(self.folder.path, self.records, self.summary)
+        self.save()
         for name in names:
             self.folder.resume_path(name, seed).unlink(missing_ok=True)
 
@@ -136,7 +138,7 @@ def start(setup: Setup, resumed: Resumed | None) -> Progress:
     if resumed is None:
         folder = create_experiment_dir(setup.logs)
         progress = Progress(setup, folder, [], experiment_summary(setup, folder))
-        write_results(folder.path, progress.records, progress.summary)
+        progress.save()
     else:
         progress = Progress(setup, resumed.folder, resumed.records, resumed.summary,
                             time.perf_counter() - resumed.summary.get("total_time", 0.0))

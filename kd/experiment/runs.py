@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kd.engine.evaluation import Evaluation
-from kd.engine.run import RunFailed, RunSpec, TrainingResult
+from kd.engine.result import RunResult
+from kd.engine.run import RunFailed, RunSpec
 from kd.engine.trainer import fit_together
 from kd.experiment.setup import Setup
 from kd.methods import METHODS
@@ -42,9 +43,9 @@ class Teacher:
     predictions: torch.Tensor  # its val top-1, for each student's agreement with it
 
 
-def complete_record(record: RunRecord, result: TrainingResult, evaluation: Evaluation, setup: Setup,
+def complete_record(record: RunRecord, result: RunResult, evaluation: Evaluation, setup: Setup,
                     model: torch.nn.Module, teacher_predictions: torch.Tensor | None) -> RunRecord:
-    """Add the run's result, its best epoch's prediction metrics and the model's cost to a record."""
+    """Add the run's outcome, its best epoch's prediction metrics and the model's cost to a record."""
     record.result = result
     record.metrics = prediction_metrics(evaluation.probs, evaluation.labels, teacher_predictions)
     record.cost = setup.cost(record.model, model)
@@ -94,11 +95,12 @@ def run_methods(methods: list[str], seed: int, setup: Setup, teacher: Teacher, f
             log.error("%s failed: %s", record.method, outcome)
             record.fail(str(outcome))
             continue
-        result, best_val = outcome
+        result, record.training, best_val = outcome
         complete_record(record, result, best_val, setup, distiller.student, teacher.predictions)
-        record.extras = distiller.record_extras(result.history, result.best_epoch)
+        record.extras = distiller.record_extras(record.training.history, result.best_epoch)
         declared = METHODS[record.method].record_fields
-        if record.extras.keys() != declared.keys():
-            raise TypeError(f"{record.method}'s record_extras gave {sorted(record.extras)}, its Method declares "
-                            f"record_fields {sorted(declared)}")
+        if record.extras.keys() != declared.keys():  # a method's own mistake: its run fails, the others stand
+            record.fail(f"{record.method}'s record_extras gave {sorted(record.extras)}, but its Method declares "
+                        f"record_fields {sorted(declared)}")
+            log.error("%s failed: %s", record.method, record.reason)
     return records

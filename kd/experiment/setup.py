@@ -2,6 +2,7 @@
 precision, and the two models, checked before anything is trained or written."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,13 @@ class Setup:
         if spec not in self._plain:
             self._plain[spec] = self.build(spec, with_weights=False)
         return self._plain[spec]
+
+    def on(self, runtime: Runtime) -> Setup:
+        """This setup computing on another runtime (a resumed experiment's precision), its checked models kept."""
+        moved = dataclasses.replace(self, runtime=runtime)
+        moved._plain.update(self._plain)
+        moved._costs.update(self._costs)
+        return moved
 
     def planned(self) -> None:
         """The plan is checked: the models built for it are no longer needed."""

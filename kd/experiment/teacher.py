@@ -12,7 +12,8 @@ from torch import nn
 from kd.engine import distributed
 from kd.engine.checkpoint import load_checkpoint
 from kd.engine.evaluation import evaluate
-from kd.engine.run import RunSpec, TrainingResult
+from kd.engine.result import RunResult
+from kd.engine.run import RunSpec
 from kd.engine.trainer import fit
 from kd.errors import UserError
 from kd.experiment.runs import Teacher, complete_record, file_tag, model_meta
@@ -184,7 +185,7 @@ def obtain_teacher(setup: Setup, source: TeacherSource, folder: ExperimentFolder
                            setup.checkpoints / "teachers" / f"{tag}_teacher",
                            {**model_meta(spec, setup, setup.teacher_stats), "config": cfg, "epochs": cfg["epochs"],
                             "run": folder.stamp, "start": _start(setup)}, folder.resume_path(TEACHER, seed))
-        result, _ = fit(plain_training(teacher), setup.data, run_spec, setup.runtime)
+        result, training, _ = fit(plain_training(teacher), setup.data, run_spec, setup.runtime)
         distributed.barrier()  # rank 0 has written the checkpoint the others read now
         checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
         teacher.load_state_dict(checkpoint["model"])
@@ -196,11 +197,12 @@ def obtain_teacher(setup: Setup, source: TeacherSource, folder: ExperimentFolder
                  else "Reusing teacher", path, val, meta["epoch"],
                  "" if "path" in checkpoint else "; pass --retrain-teacher to train a new one")
         test = scores["test"].accuracies["student"] if "test" in scores else None
-        # used as it is: its one checkpoint is both the best and the last epoch
-        result = TrainingResult(best_accuracy=val, final_accuracy=val, best_epoch=meta["epoch"], test_accuracy=test,
-                                final_test_accuracy=test, training_time=meta["training_time"], epochs=meta["epochs"],
-                                images_per_s=None, student_init_sha256=None, first_batch_sha256=None, history=None)
-    record = RunRecord(TEACHER, spec.name, "None", seed, teacher_file=TeacherFile(path, _sha256(path), not trains))
+        # used as it is: its one checkpoint is both the best and the last epoch, and nothing trained here
+        result, training = RunResult(best_accuracy=val, final_accuracy=val, best_epoch=meta["epoch"],
+                                     test_accuracy=test, training_time=meta["training_time"],
+                                     epochs=meta["epochs"]), None
+    record = RunRecord(TEACHER, spec.name, "None", seed, teacher_file=TeacherFile(path, _sha256(path), not trains),
+                       training=training)
     complete_record(record, result, scores["val"], setup, teacher, teacher_predictions=None)
     return Teacher(teacher.eval(), scores["val"].probs.argmax(dim=1)), record
 

@@ -24,6 +24,7 @@ class Distiller(nn.Module):
     needs_stages: tuple[str, ...] = ()  # "student"/"teacher": models whose feature maps the method reads
     teacher_column = "None"  # the `teacher` column of methods without an external teacher
     needs_index = False  # the trainer passes each batch's positions in the train split as `indices` (CRD)
+    skips_parameters = False  # some epochs leave parameters untrained (FitNets' hint stage): DDP looks for them
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
         super().__init__()

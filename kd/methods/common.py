@@ -1,6 +1,8 @@
 """Helpers several methods share: the softened KL of KD, logit standardization and the loss warm-up."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +11,7 @@ from kd.rules import NON_NEGATIVE_INT, Rule
 
 # DKD's and ReviewKD's loss warm-up: 20 of the 240 epochs of mdistiller's CIFAR-100 recipes
 # (configs/cifar100/dkd/ and reviewkd/: WARMUP 20, SOLVER.EPOCHS 240), the same share of a run of any length
-WARMUP_SHARE = EpochShare(20 / 240, "unset: the references' 20 of 240 epochs")
+WARMUP_SHARE = EpochShare(Fraction(20, 240), "unset: the references' 20 of 240 epochs")
 WARMUP_RULE = Rule("null (the references' share of the epochs) or an integer >= 0",
                    lambda value: value is None or NON_NEGATIVE_INT.check(value))
 # how a method with a loss warm-up declares it (Method's keyword arguments)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable
 
 from kd.methods.base import Distiller
@@ -23,8 +24,8 @@ def one_student(_settings: Mapping[str, Any]) -> float:
 class EpochShare:
     """A setting counted in epochs whose `null` in METHODS_CONFIG means a share of the run's epochs: a default
     the references set for their run length (240 epochs on CIFAR-100) keeps its fraction in a shorter run."""
-    fraction: float
-    source: str  # where the fraction comes from, for the plan
+    fraction: Fraction  # exact, so that a half rounds as Python rounds it (to even), not by a float's error
+    source: str         # where the fraction comes from, for the plan
 
     def epochs(self, run_epochs: int) -> int:
         """The fraction of `run_epochs`, rounded, at least 1."""
@@ -55,8 +56,13 @@ class Method:
 
 
 def constructor_settings(distiller: type[Distiller]) -> list[str]:
-    """The settings a Distiller takes: its keyword-only constructor arguments."""
-    parameters = inspect.signature(distiller.__init__).parameters.values()
+    """The settings a Distiller takes: its keyword-only constructor arguments (after the student and teacher,
+    which are all it may take otherwise)."""
+    parameters = list(inspect.signature(distiller.__init__).parameters.values())[1:]  # after self
+    positional = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if positional not in (["student"], ["student", "teacher"]):
+        raise TypeError(f"{distiller.__name__}(student, teacher=None, *, settings...): its settings must be "
+                        f"keyword-only; it takes {', '.join(positional)} before them")
     return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 

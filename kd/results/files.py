@@ -92,13 +92,18 @@ def _csv_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def write_records(exp_dir: Path, records: list[RunRecord]) -> None:
+    """Rewrite comparison_results.json, atomically (rank 0 of a torchrun job writes)."""
+    write_json(exp_dir / "comparison_results.json", [record.to_json() for record in records])
+
+
 def write_results(exp_dir: Path, records: list[RunRecord], summary: dict, final: bool = False) -> list[dict]:
-    """Rewrite comparison_results.json/.csv and experiment_summary.json (each atomically); at the end
-    of the experiment (`final`) also the plots and report.md. Only rank 0 of a torchrun job writes."""
+    """Rewrite what follows from the records, comparison_results.csv and experiment_summary.json (each
+    atomically), and return the table's rows; at the end of the experiment (`final`) also the plots and
+    report.md. Only rank 0 of a torchrun job writes."""
     rows = aggregate(records)
     if not distributed.is_main():
         return rows
-    write_json(exp_dir / "comparison_results.json", [record.to_json() for record in records])
     lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
     students = [row for row in rows if row["method"] != TEACHER and row["protocol"] == "common"]
@@ -129,6 +134,7 @@ def read_experiment(exp_dir: Path) -> tuple[list[RunRecord], dict]:
 
 
 def rebuild(exp_dir: str | Path) -> list[dict]:
-    """`--report DIR`: rebuild CSV, summary, plots and report.md from the stored records."""
+    """`--report DIR`: rebuild CSV, summary, plots and report.md from the stored records (which it leaves as
+    they are)."""
     records, summary = read_experiment(Path(exp_dir))
     return write_results(Path(exp_dir), records, summary, final=True)

@@ -62,7 +62,7 @@ def accuracy_comparison(rows: list[dict], colors: dict, path: Path) -> str:
 def learning_curves(records: list[RunRecord], colors: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, runs in _runs_by_method(records).items():
-        curves = [[h["score"] for h in r.result.history] for r in runs if r.result.history]
+        curves = [[h["score"] for h in r.training.history] for r in runs if r.training]
         if not curves:
             continue  # a reused teacher has no curve in this experiment
         length = min(len(c) for c in curves)

@@ -2,16 +2,17 @@
 teacher's and every method's. The teacher (kd/experiment/teacher.py) and the runs (kd/experiment/runs.py) build
 it; the table, the plots and report.md read it; `to_json`/`from_json` are its only conversions.
 
-A record is made of parts, each present or not as a whole: a failed run has no result, metrics or cost; only
-the teacher's record has its file. In the JSON the parts' keys stand flat beside the run's own keys, and a
-method's extra fields (`Method.record_fields`: DML's peers, BYOT's exits) beside them.
+A record is made of parts, each present or not as a whole: a failed run has no result, metrics or cost; a
+teacher used as it is has no training log; only the teacher's record has its file. In the JSON the parts' keys
+stand flat beside the run's own keys, and a method's extra fields (`Method.record_fields`: DML's peers, BYOT's
+exits) beside them.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from kd.engine.run import TrainingResult
+from kd.engine.result import RunResult, TrainingLog
 
 TEACHER = "Teacher"  # the `method` of the teacher's own record
 
@@ -44,7 +45,8 @@ class TeacherFile:
     reused: bool  # found from an earlier experiment, or the user's own, rather than trained in this one
 
 
-_PARTS = {"teacher_file": TeacherFile, "result": TrainingResult, "metrics": PredictionMetrics, "cost": ModelCost}
+_PARTS = {"teacher_file": TeacherFile, "result": RunResult, "training": TrainingLog, "metrics": PredictionMetrics,
+          "cost": ModelCost}
 
 
 @dataclass
@@ -58,7 +60,8 @@ class RunRecord:
     protocol: str = "common"  # or "own: lr=0.05" when the method trains its own student settings
     reason: str | None = None  # why a failed run failed
     teacher_file: TeacherFile | None = None
-    result: TrainingResult | None = None
+    result: RunResult | None = None
+    training: TrainingLog | None = None
     metrics: PredictionMetrics | None = None
     cost: ModelCost | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # the method's own fields
@@ -84,10 +87,10 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, flat: dict[str, Any]) -> RunRecord:
-        """A stored record; a key that files of older versions lack reads as its default."""
+        """A stored record; a key of a part that files of older versions lack reads as None."""
         own = {f.name for f in fields(cls)} - {*_PARTS, "extras"}
         parts = {name: part_type(**{f.name: flat.get(f.name) for f in fields(part_type)})
-                 for name, part_type in _PARTS.items() if fields(part_type)[0].name in flat}
+                 for name, part_type in _PARTS.items() if any(f.name in flat for f in fields(part_type))}
         known = own | {f.name for part_type in _PARTS.values() for f in fields(part_type)}
         return cls(**{key: flat[key] for key in own if key in flat}, **parts,
                    extras={key: value for key, value in flat.items() if key not in known})
