@@ -53,7 +53,8 @@ def _distillers(student_state: dict, teacher, num_classes: int, settings: dict):
     for name in METHOD_NAMES:
         student = build_resnet("ResNet18", num_classes, "cifar")
         student.load_state_dict(student_state)
-        distillers.append(METHODS[name].distiller(student, teacher, **settings[name]).to(next(teacher.parameters()).device))
+        distiller = METHODS[name].distiller(student, teacher, **settings[name])
+        distillers.append(distiller.to(next(teacher.parameters()).device))
     return distillers
 
 

@@ -2,9 +2,9 @@
 
 "data": every process trains its shard of each batch of the same run; DistributedDataParallel averages
 the gradients (gloo on CPU, nccl on CUDA); rank 0 writes everything.
-"runs": every process trains whole runs by itself (see kd/experiment/sweep.py). While it does, `alone()` makes every
-helper here answer as for a single process, so the run's training code, and its record, are those of a
-one-process experiment; the processes talk through the job's store (small messages) and gloo.
+"runs": every process trains whole runs by itself (see kd/experiment/sweep.py). While it does, `alone()`
+makes every helper here answer as for a single process, so the run's training code, and its record, are
+those of a one-process experiment; the processes talk through the job's store (small messages) and gloo.
 
 Started plainly, every helper here is a no-op, so the single-process path is the same code.
 """

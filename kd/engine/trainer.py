@@ -22,7 +22,8 @@ from kd.errors import UserError
 from kd.methods.base import Distiller
 
 
-def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime) -> tuple[RunResult, TrainingLog, Evaluation]:
+def fit(distiller: Distiller, data: ImageData, spec: RunSpec, runtime: Runtime
+        ) -> tuple[RunResult, TrainingLog, Evaluation]:
     """Train one distiller (see `fit_together`); a diverged run raises RunFailed."""
     (outcome,) = fit_together([(distiller, spec)], data, runtime)
     if isinstance(outcome, RunFailed):

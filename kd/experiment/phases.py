@@ -182,5 +182,6 @@ def finish(progress: Progress) -> list[RunRecord]:
     log.info("Total time %.1f s; results in %s", summary["total_time"], folder.path)
     failed = [r for r in progress.records if not r.ok]
     if failed:
-        log.error("%d run(s) failed: %s", len(failed), "; ".join(f"{r.method} seed {r.seed}: {r.reason}" for r in failed))
+        log.error("%d run(s) failed: %s", len(failed),
+                  "; ".join(f"{r.method} seed {r.seed}: {r.reason}" for r in failed))
     return progress.records

@@ -62,7 +62,8 @@ def describe_plan(setup: Setup) -> str:
             lines.append(f"note: {spec.name}'s weights were evaluated at {stats.size} px; this run uses "
                          f"{data.image_size} px (experiment.image_size)")
     student, teacher = setup.plain(s_spec), setup.plain(t_spec)
-    notes = dict.fromkeys(note for method in exp["methods"] for note in METHODS[method].distiller.plan_notes(student, teacher))
+    notes = dict.fromkeys(note for method in exp["methods"]
+                          for note in METHODS[method].distiller.plan_notes(student, teacher))
     lines += [f"note: {note}" for note in notes]
     for method in exp["methods"]:
         own = setup.own_settings(method)

@@ -61,7 +61,7 @@ def run_methods(methods: list[str], seed: int, setup: Setup, teacher: Teacher, f
     """
     config = setup.config
     seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
-    _, first_cfg, first_spec = setup.student_settings(methods[0])
+    first_spec = setup.student_settings(methods[0])[2]
     torch.manual_seed(seed)
     init_state = setup.build(first_spec).state_dict()
     jobs, records = [], []
