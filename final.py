@@ -19,6 +19,7 @@ from kd.experiment.phases import check_resume, finish, make_plan, report_check, 
 from kd.experiment.setup import prepare
 from kd.methods import METHODS
 from kd.results.record import RunRecord
+from kd.tuning.spaces import check_tuning, final_seeds
 from models import ModelError, resolve_name
 
 TEACHER_CONFIG = {
@@ -98,6 +99,31 @@ EXPERIMENT_CONFIG = {
     "share_teacher": True,        # train the teacher-based methods together, one teacher forward per batch
     "parallel": "data",           # under torchrun: "data" (DDP: each run over all processes) | "runs" (whole
                                   # runs per process, from a queue; see README, "Performance")
+    "tune": False,                # tune the recipe, then every method's settings, on the selection split
+                                  # (TUNE_CONFIG below, README "Tuning"); seeds then come from tune.final_seeds
+}
+
+# `--tune` (README, "Tuning"): every method gets the same number of Optuna trials, scored on the selection
+# split; then every method trains at its chosen settings and at its defaults with fresh seeds, and is
+# reported on a split that tuning never reads.
+TUNE_CONFIG = {
+    "trials": 8,                  # trials per method, and for the common recipe (the paper default is trial 0)
+    "final_seeds": 3,             # fresh seeds for the final runs: the first ones that are not trial_seed
+    "trial_seed": 0,              # the seed every trial trains with: each setting tried starts alike
+    "recipe": True,               # stage 1: tune the student's lr and weight decay on Baseline, then every method
+                                  # trains with them; False: keep student.lr and student.weight_decay
+    "lr_range": [0.001, 0.3],     # stage 1's ranges, both on a log scale
+    "weight_decay_range": [1e-5, 0.01],
+    "spaces": {},                 # replace or add a method's search range: {"KD": {"temperature": [1, 10]}},
+                                  # [low, high, "log"] for a log scale; each method declares its own in its file
+    "pruner": "successive_halving",  # stop poor trials early on their per-epoch val accuracy, or "none"
+    "pruner_min_epochs": 1,       # successive halving's first rung, in epochs ...
+    "pruner_reduction": 3,        # ... and 1 in this many trials goes on at each rung
+    "sampler_seed": 0,            # Optuna's TPE sampler
+    "storage": None,              # None: a journal file in the experiment folder (one machine, any number of
+                                  # processes); or a database URL for several machines: postgresql://user@host/db
+    "holdout_fraction": 0.15,     # without test/: this stratified share of train/ selects, and val/ reports
+    "holdout_seed": 0,
 }
 
 # `--demo`: scikit-learn's digits, small enough for a 2-core CPU, through the very same code path.
@@ -112,6 +138,7 @@ DEMO_PRESET = {
     "student": {"epochs": 4, "scheduler": "onecycle"},
     "methods": {"AT": {"beta": 140.0}},
     "experiment": {"data_dir": "data/digits", "hflip": False, "image_size": 12},
+    "tune": {"trials": 4, "final_seeds": 2},  # --demo --tune: about 15 minutes on a 2-core CPU
 }
 
 
@@ -119,7 +146,7 @@ DEMO_PRESET = {
 def default_config(demo: bool = False) -> dict:
     """A deep copy of the dicts above (with the demo preset applied when asked)."""
     config = copy.deepcopy({"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG,
-                            "methods": METHODS_CONFIG, "experiment": EXPERIMENT_CONFIG})
+                            "methods": METHODS_CONFIG, "experiment": EXPERIMENT_CONFIG, "tune": TUNE_CONFIG})
     if demo:
         for section, overrides in DEMO_PRESET.items():
             if section == "methods":  # per-method settings: change only the keys the preset names
@@ -140,6 +167,10 @@ def create_student_config(**overrides) -> dict:
 
 def create_experiment_config(**overrides) -> dict:
     return validate_section("experiment", {**EXPERIMENT_CONFIG, **overrides})
+
+
+def create_tune_config(**overrides) -> dict:
+    return validate_section("tune", {**TUNE_CONFIG, **overrides})
 
 
 def create_method_config(method: str, **overrides) -> dict:
@@ -167,14 +198,18 @@ def __dir__() -> list[str]:
 
 def validate_config(config: dict) -> dict:
     """Check every section and key; return a validated copy with method names resolved."""
-    expected = ["teacher", "student", "methods", "experiment"]
+    expected = ["teacher", "student", "methods", "experiment", "tune"]
     unknown = [s for s in config if s not in expected]
     if unknown or len(config) != len(expected):
         raise UserError(f"config sections must be {', '.join(expected)} (got {', '.join(config)})")
     checked = {section: validate_section(section, config[section])
-               for section in ("teacher", "student", "experiment")}
+               for section in ("teacher", "student", "experiment", "tune")}
     checked["methods"] = validate_methods(config["methods"], METHODS)
     checked["experiment"]["methods"] = resolve_method_names(checked["experiment"]["methods"], METHODS)
+    if checked["experiment"]["tune"]:
+        check_tuning(checked, METHODS)
+        # the final runs train on fresh seeds, none of them the one every trial trained with
+        checked["experiment"]["seeds"] = final_seeds(checked["tune"])
     models = [checked["teacher"]["model"], checked["student"]["model"],
               *(settings["model"] for settings in checked["methods"].values() if "model" in settings)]
     for name in models:

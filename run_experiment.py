@@ -15,6 +15,7 @@ EPILOG = """examples:
   python run_experiment.py --demo --seeds 0,1,2    # three seeds: mean ± std and paired tests
   python run_experiment.py --report logs/final_experiment_20260101_120000   # redraw its report
   python run_experiment.py --set student.lr=0.05 --set methods.KD.temperature=2
+  python run_experiment.py --demo --tune --methods Baseline,KD,AT,DIST   # tuned fairly, reported on held-out data
   torchrun --nproc_per_node=4 run_experiment.py --parallel runs --seeds 0,1,2   # one whole run per GPU
 
 The settings themselves live in the dicts at the top of final.py.
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=["data", "runs"],
                    help="under torchrun: data (each run split over all processes, DDP) or runs (each process "
                         "trains whole runs, from a queue); default: data")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the common recipe on Baseline, then each method's settings (Optuna, the same number "
+                        "of trials each, chosen on val), then train every method at its chosen and at its default "
+                        "settings with fresh seeds, reported on a split tuning never reads (TUNE_CONFIG, README)")
     p.add_argument("--skip-bad-images", action="store_true", help="warn about unreadable images and skip them")
     p.add_argument("--check", action="store_true", help="check data and config, print the plan, train nothing")
     p.add_argument("--report", metavar="EXPERIMENT_DIR",
@@ -82,10 +87,17 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
 
     import final
     from kd.data.digits import export_digits_demo
+    from kd.errors import UserError
     from kd.experiment.config import apply_overrides
 
     config = copy.deepcopy(base) if base is not None else final.default_config(demo=args.demo)
+    if base is not None:  # an experiment started before tuning existed: it did not tune
+        config.setdefault("tune", final.default_config()["tune"])
+        config["experiment"].setdefault("tune", False)
     apply_overrides(config, args.set)
+    if args.seeds and (args.tune or config["experiment"]["tune"]):
+        raise UserError("--seeds does not apply with --tune: trials train on tune.trial_seed and the final runs on "
+                        "tune.final_seeds fresh seeds; set those (--set tune.final_seeds=5)")
     exp = config["experiment"]
     if args.demo:
         export_digits_demo(Path(exp["data_dir"]))
@@ -100,7 +112,7 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
              ("experiment", "retrain_teacher"): args.retrain_teacher or None,
              ("experiment", "skip_bad_images"): args.skip_bad_images or None,
              ("experiment", "share_teacher"): False if args.no_share_teacher else None,
-             ("experiment", "parallel"): args.parallel}
+             ("experiment", "parallel"): args.parallel, ("experiment", "tune"): args.tune or None}
     for (section, key), value in flags.items():
         if value is not None:
             config[section][key] = value

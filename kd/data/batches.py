@@ -58,6 +58,7 @@ class ImageData:
     bad_images: int
     fingerprint: str
     num_workers: int = 0
+    held_out: str | None = None  # when tuning without test/: which share of train/ selects (kd/data/holdout.py)
     counts: dict[str, int] = field(default_factory=dict)
     _normalization: dict = field(default_factory=dict, init=False, repr=False)  # device -> (mean, std)
 

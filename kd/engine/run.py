@@ -52,9 +52,11 @@ class RunSpec:
     train_cfg: dict           # a validated TEACHER_CONFIG / STUDENT_CONFIG
     seed: int
     tensorboard_dir: Path
-    checkpoint_prefix: Path   # "<dir>/<METHOD>_<arch>"; "_best.pth"/"_final.pth" are appended
+    checkpoint_prefix: Path | None  # "<dir>/<METHOD>_<arch>"; "_best.pth"/"_final.pth" appended; None: no files
     meta: dict                # checkpoint metadata shared by best and final
     resume_path: Path | None = None  # the run's state after each epoch: an interrupted run continues here
+    # called with each epoch's history entry once it is logged (a tuning trial reports it, and may stop there)
+    after_epoch: Callable[[dict], None] | None = None
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -66,6 +68,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 
 def _save(distiller: Distiller, spec: RunSpec, tag: str, epoch: int, best_accuracy: float, seconds: float) -> None:
+    if spec.checkpoint_prefix is None:
+        return
     meta = {**spec.meta, "epoch": epoch, "best_accuracy": best_accuracy, "training_time": seconds}
     for suffix, model in distiller.deployable_models().items():
         save_checkpoint(f"{spec.checkpoint_prefix}{suffix}_{tag}.pth", model, meta)
@@ -183,6 +187,8 @@ class TrainingRun:
             _save(self.distiller, spec, "best", epoch + 1, progress["best_score"], progress["elapsed"])
         if spec.resume_path is not None:
             save_state(spec.resume_path, self._state())
+        if spec.after_epoch is not None:
+            spec.after_epoch(entry)
 
     def _diverged(self, epoch: int, evidence: str) -> None:
         self.failure = RunFailed(f"{self.spec.name} (seed {self.spec.seed}) diverged in epoch {epoch + 1}: "

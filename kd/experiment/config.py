@@ -23,6 +23,7 @@ from kd.rules import (
     POSITIVE,
     POSITIVE_INT,
     Rule,
+    int_at_least,
     is_int,
     is_number,
     one_of,
@@ -31,6 +32,7 @@ from kd.rules import (
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STEMS = ("auto", "cifar", "imagenet")
 SCHEDULERS = ("step", "onecycle")
+PRUNERS = ("successive_halving", "none")
 
 
 _PATH = Rule("a non-empty path", NON_EMPTY_TEXT.check)
@@ -76,8 +78,30 @@ _EXPERIMENT_RULES: dict[str, Rule] = {
     "skip_bad_images": BOOL,
     "share_teacher": BOOL,
     "parallel": Rule("data or runs", lambda v: v in ("data", "runs")),
+    "tune": BOOL,
 }
-SECTIONS = {"teacher": _TEACHER_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES}
+_LOG_RANGE = Rule("[low, high] with 0 < low < high", lambda v: isinstance(v, list) and len(v) == 2
+                  and all(is_number(x) for x in v) and 0 < v[0] < v[1])
+_TUNE_RULES: dict[str, Rule] = {
+    "trials": POSITIVE_INT,
+    "final_seeds": POSITIVE_INT,
+    "trial_seed": NON_NEGATIVE_INT,
+    "recipe": BOOL,
+    "lr_range": _LOG_RANGE,
+    "weight_decay_range": _LOG_RANGE,
+    "spaces": Rule("a dict of method -> {setting: [low, high] or [low, high, \"log\"]}",
+                   lambda v: isinstance(v, dict) and all(isinstance(ranges, dict) for ranges in v.values())),
+    "pruner": one_of(*PRUNERS),
+    "pruner_min_epochs": POSITIVE_INT,
+    "pruner_reduction": int_at_least(2),
+    "sampler_seed": NON_NEGATIVE_INT,
+    "storage": Rule("null (a journal file in the experiment folder) or a database URL such as "
+                    "postgresql://user:password@host/db", lambda v: v is None or NON_EMPTY_TEXT.check(v)),
+    "holdout_fraction": Rule("a number in (0, 0.5]", lambda v: is_number(v) and 0 < v <= 0.5),
+    "holdout_seed": NON_NEGATIVE_INT,
+}
+SECTIONS = {"teacher": _TEACHER_RULES, "student": _TRAIN_RULES, "experiment": _EXPERIMENT_RULES,
+            "tune": _TUNE_RULES}
 STUDENT_KEYS = tuple(_TRAIN_RULES)  # a method's entry may override those it does not use itself (see below)
 
 

@@ -15,13 +15,17 @@ from kd.experiment.estimate import StepTimes, describe_estimate, estimate_second
 from kd.experiment.logs import setup_logging
 from kd.experiment.plan import describe_plan, groups_to_train
 from kd.experiment.resume import first_difference, kept_precision
-from kd.experiment.runs import run_methods
+from kd.experiment.runs import Teacher, run_methods
 from kd.experiment.setup import Setup
 from kd.experiment.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
 from kd.experiment.teacher import TeacherSource, find_teacher, obtain_teacher
 from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_records, write_results
-from kd.results.record import TEACHER, RunRecord
+from kd.results.record import TEACHER, RunRecord, run_name
 from kd.results.table import format_table
+from kd.tuning.outcome import Tuned
+from kd.tuning.plan import check_tuning_runtime, describe_tuning
+from kd.tuning.records import tuning_summary, write_trials_csv
+from kd.tuning.stages import tune
 
 log = logging.getLogger("kd")
 
@@ -52,7 +56,7 @@ class Plan:
     """What the experiment will do, settled before anything is written."""
     teacher: TeacherSource | None  # None on the processes that get the teacher from rank 0 (--parallel runs)
     times: StepTimes | None        # timed training steps (--check's estimate, the --parallel runs queue)
-    units: list[Unit] | None       # the --parallel runs queue; None when one process trains every run
+    units: list[Unit] | None       # the --parallel runs queue (made after tuning when tuned); None: one process
 
 
 def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
@@ -60,6 +64,9 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
     if distributed.is_main():
         print(describe_plan(setup))
     spread = distributed.spreads_runs()
+    tuning = setup.config["experiment"]["tune"]
+    if tuning:
+        check_tuning_runtime(setup)
     finished = resumed.records if resumed else None
     # spread over processes, only rank 0 looks for a saved teacher: the others get it from rank 0, and on
     # other machines the file need not exist
@@ -67,7 +74,7 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
     timed = distributed.is_main() and (check_only or spread)
     times = time_steps(setup, train_teacher=teacher.checkpoint is None) if timed else None
     units = None
-    if spread:
+    if spread and not tuning:  # a tuned experiment's runs are known once tuning has chosen: queued then
         units = queue(setup, finished or [], times)
         devices = distributed.gather_objects(device_text(setup.runtime.device))
         if distributed.is_main():  # also when training: the queue and its estimate are part of the plan
@@ -77,7 +84,9 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
 
 def report_check(setup: Setup, plan: Plan) -> None:
     """--check: the time estimate (the spread's is in its plan), and that nothing was trained."""
-    if distributed.is_main() and plan.units is None:
+    if distributed.is_main() and setup.config["experiment"]["tune"]:
+        print(describe_tuning(setup, plan.times))
+    elif distributed.is_main() and plan.units is None:
         print(describe_estimate(estimate_seconds(setup, plan.times), setup))
     print("check passed: data and config are valid; nothing was trained")
 
@@ -113,9 +122,16 @@ class Progress:
         write_records(self.folder.path, self.records)
         write_results(self.folder.path, self.records, self.summary)
 
+    def tuned(self, tuned: Tuned) -> None:
+        """Tuning chose: the runs from here on train in its variants, and the summary tells what it did."""
+        self.setup = self.setup.with_tuned(tuned)
+        rows = write_trials_csv(self.setup, self.folder) if distributed.is_main() else []
+        self.summary["tuning"] = tuning_summary(self.setup, self.folder, tuned, rows)
+        self.save()
+
     def runs_done(self, names: list[str], seed: int) -> None:
         """Rewrite the comparison files (an interrupted experiment shows its finished runs), then drop the
-        runs' resume state: from here on they count as finished."""
+        runs' resume state (`names` are run names): from here on they count as finished."""
         self.summary["total_time"] = time.perf_counter() - self.started
         # in plan order, however the runs were spread over processes or interrupted and resumed
         self.records.sort(key=_plan_order(self.setup))
@@ -125,10 +141,12 @@ class Progress:
 
 
 def _plan_order(setup: Setup) -> Callable[[RunRecord], int]:
-    """Sort key of records: the teacher, then seed by seed the methods in training order."""
-    order = {(method, seed): i for i, (seed, method) in enumerate(
-        (seed, method) for seed, group in groups_to_train(setup) for method in group)}
-    return lambda record: -1 if record.method == TEACHER else order[(record.method, record.seed)]
+    """Sort key of records: the teacher, then seed by seed the methods in training order (a resumed tuned
+    experiment's runs, before its tuning is read back, at the end as they were)."""
+    order = {(method, group.variant, group.seed): i for i, (group, method) in enumerate(
+        (group, method) for group in groups_to_train(setup) for method in group.methods)}
+    return lambda record: -1 if record.method == TEACHER else order.get(
+        (record.method, record.variant, record.seed), len(order))
 
 
 def start(setup: Setup, resumed: Resumed | None) -> Progress:
@@ -151,20 +169,30 @@ def train(progress: Progress, plan: Plan) -> None:
     """The teacher, then every run still to train: in this process (seed by seed, methods together), or
     spread over the processes of a torchrun job (--parallel runs)."""
     setup, folder = progress.setup, progress.folder
+    tune_first = (lambda teacher: _tune(progress, teacher)) if setup.config["experiment"]["tune"] else None
     try:
-        if plan.units is not None:
+        if distributed.spreads_runs():
             stop_on_sigterm()
             train_spread(setup, plan.teacher, plan.units, folder, progress.resume_hint, progress.teacher_done,
-                         progress.unit_done)
+                         progress.unit_done, plan.times, progress.records, tune_first)
             return
         teacher, record = obtain_teacher(setup, plan.teacher, folder)
         progress.teacher_done(record)
-        for seed, group in groups_to_train(setup, progress.records):  # runs finished before a stop are kept
-            progress.records.extend(run_methods(group, seed, setup, teacher, folder))
-            progress.runs_done(group, seed)
+        if tune_first is not None:
+            setup = tune_first(teacher)
+        for group in groups_to_train(setup, progress.records):  # runs finished before a stop are kept
+            progress.records.extend(run_methods(group.methods, group.seed, setup, teacher, folder, group.variant))
+            progress.runs_done([run_name(method, group.variant) for method in group.methods], group.seed)
     except KeyboardInterrupt:
         log.error("Interrupted. %s", progress.resume_hint)
         raise
+
+
+def _tune(progress: Progress, teacher: Teacher) -> Setup:
+    """Both tuning stages (finished studies are read back on resume); the setup of the final runs."""
+    setup, folder = progress.setup, progress.folder
+    progress.tuned(tune(setup, teacher, folder, stage_done=lambda: write_trials_csv(setup, folder)))
+    return progress.setup
 
 
 def finish(progress: Progress) -> list[RunRecord]:

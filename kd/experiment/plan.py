@@ -3,8 +3,9 @@ which its runs train."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from kd.data.holdout import split_roles
 from kd.experiment.setup import Setup
 from kd.methods import METHODS
 from kd.results.record import RunRecord
@@ -51,6 +52,8 @@ def describe_plan(setup: Setup) -> str:
         f"{student_cfg['epochs']} epochs, methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
         *student_lines,
     ]
+    if exp["tune"]:
+        lines.append(split_roles(data, tuning=True))
     if teacher_stages and student_stages:
         how = "stage by stage" if len(teacher_stages) == len(student_stages) else "by stride"
         pairs = ", ".join(f"{student_stages[i].module}<-{teacher_stages[j].module}"
@@ -93,15 +96,23 @@ def method_groups(methods: list[str], share_teacher: bool,
     return groups
 
 
-def groups_to_train(setup: Setup, records: Sequence[RunRecord] = ()) -> list[tuple[int, list[str]]]:
-    """Seed by seed, the methods trained together (`method_groups`) in training order, less the runs that
-    `records` already hold (finished before an interruption)."""
+class RunGroup(NamedTuple):
+    """Runs trained together: methods of one seed, in one variant of a tuned experiment ("" otherwise)."""
+    seed: int
+    methods: list[str]
+    variant: str = ""
+
+
+def groups_to_train(setup: Setup, records: Sequence[RunRecord] = ()) -> list[RunGroup]:
+    """Seed by seed (and variant by variant), the methods trained together (`method_groups`) in training order,
+    less the runs that `records` already hold (finished before an interruption)."""
     exp = setup.config["experiment"]
-    finished = {(r.method, r.seed) for r in records}
+    finished = {(r.method, r.variant, r.seed) for r in records}
     todo = []
     for seed in exp["seeds"]:
-        for group in method_groups(exp["methods"], exp["share_teacher"], setup.own_settings):
-            group = [m for m in group if (m, seed) not in finished]
-            if group:
-                todo.append((seed, group))
+        for variant in setup.variants():
+            for group in method_groups(setup.methods_in(variant), exp["share_teacher"], setup.own_settings):
+                group = [m for m in group if (m, variant, seed) not in finished]
+                if group:
+                    todo.append(RunGroup(seed, group, variant))
     return todo

@@ -11,10 +11,10 @@ from kd.engine.result import RunResult
 from kd.engine.run import RunFailed, RunSpec
 from kd.engine.trainer import fit_together
 from kd.experiment.setup import Setup
-from kd.methods import METHODS
+from kd.methods import METHODS, Distiller
 from kd.results.files import ExperimentFolder
 from kd.results.metrics import prediction_metrics
-from kd.results.record import RunRecord
+from kd.results.record import RunRecord, run_name
 from models import ModelSpec
 from models.weights import InputStats
 
@@ -32,7 +32,7 @@ def model_meta(spec: ModelSpec, setup: Setup, stats: InputStats | None = None) -
     mean, std = (list(stats.mean), list(stats.std)) if stats is not None else (data.mean, data.std)
     return {"arch": spec.name, "source": spec.source, "builder": spec.builder, "weights": spec.weights,
             "num_classes": len(data.class_names), "class_names": data.class_names, "image_size": data.image_size,
-            "stem": spec.stem, "mean": mean, "std": std, "data_fingerprint": data.fingerprint,
+            "stem": spec.stem, "mean": mean, "std": std, "data_fingerprint": data.fingerprint, "held_out": data.held_out,
             "torch_version": str(torch.__version__)}
 
 
@@ -52,34 +52,45 @@ def complete_record(record: RunRecord, result: RunResult, evaluation: Evaluation
     return record
 
 
-def run_methods(methods: list[str], seed: int, setup: Setup, teacher: Teacher, folder: ExperimentFolder
-                ) -> list[RunRecord]:
+def initial_student(setup: Setup, spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The weights every method of a seed starts from: the student built from the seed (library init or
+    starting weights, and a new classifier drawn from the seed)."""
+    torch.manual_seed(seed)
+    return setup.build(spec).state_dict()
+
+
+def make_distiller(setup: Setup, method: str, settings: dict, spec: ModelSpec, init_state: dict, seed: int,
+                   teacher: Teacher) -> Distiller:
+    """A method's Distiller around a student that starts from `init_state`."""
+    distiller_cls = METHODS[method].distiller
+    student = setup.build(spec, with_weights=False)
+    student.load_state_dict(init_state)  # the same starting weights for every method in this seed
+    torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
+    return distiller_cls(student, teacher.model if distiller_cls.needs_teacher else None, **settings)
+
+
+def run_methods(methods: list[str], seed: int, setup: Setup, teacher: Teacher, folder: ExperimentFolder,
+                variant: str = "") -> list[RunRecord]:
     """Train one student per method (several in one pass over the data) and return their records.
 
-    Every method of the group starts from the same weights: the student built from the seed (library
-    init or starting weights, and a new classifier drawn from the seed).
+    Every method of the group starts from the same weights (`initial_student`).
     """
     config = setup.config
     seed_tag = f"_seed{seed}" if len(config["experiment"]["seeds"]) > 1 else ""
-    first_spec = setup.student_settings(methods[0])[2]
-    torch.manual_seed(seed)
-    init_state = setup.build(first_spec).state_dict()
+    init_state = initial_student(setup, setup.student_settings(methods[0], variant)[2], seed)
     jobs, records = [], []
     for name in methods:
-        settings, cfg, spec = setup.student_settings(name)
-        distiller_cls, tag = METHODS[name].distiller, file_tag(spec.name)
-        student = setup.build(spec, with_weights=False)
-        student.load_state_dict(init_state)  # the same starting weights for every method in this seed
-        torch.manual_seed(seed + 1)  # extra modules (regressor, heads, peers) also start alike per seed
-        distiller = distiller_cls(student, teacher.model if distiller_cls.needs_teacher else None, **settings)
-        run_spec = RunSpec(name, cfg, seed, setup.logs / name / f"{name}_{tag}_Final_{folder.stamp}{seed_tag}",
-                           setup.checkpoints / "students" / f"{name}_{tag}{seed_tag}",
+        settings, cfg, spec = setup.student_settings(name, variant)
+        distiller_cls, tag, label = METHODS[name].distiller, file_tag(spec.name), run_name(name, variant)
+        distiller = make_distiller(setup, name, settings, spec, init_state, seed, teacher)
+        run_spec = RunSpec(label, cfg, seed, setup.logs / name / f"{label}_{tag}_Final_{folder.stamp}{seed_tag}",
+                           setup.checkpoints / "students" / f"{label}_{tag}{seed_tag}",
                            {**model_meta(spec, setup), "method": name, "seed": seed, "epochs": cfg["epochs"],
-                            "config": {**cfg, **settings}}, folder.resume_path(name, seed))
+                            "config": {**cfg, **settings}}, folder.resume_path(label, seed))
         jobs.append((distiller, run_spec))
         column = setup.teacher_spec.name if distiller_cls.needs_teacher else distiller_cls.teacher_column
         own = setup.own_settings(name)
-        records.append(RunRecord(name, spec.name, column, seed,
+        records.append(RunRecord(name, spec.name, column, seed, variant=variant,
                                  protocol="own: " + ", ".join(f"{k}={v}" for k, v in own.items()) if own else "common"))
         log.info("Training %s student %s with %s (seed %d)", spec.name, name, settings or "CE only", seed)
     if len(jobs) > 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from kd.data.batches import ImageData
+from kd.data.holdout import hold_out
 from kd.data.load import load_image_data
 from kd.engine import distributed
 from kd.engine.runtime import Runtime, resolve_device, resolve_precision
@@ -18,6 +19,7 @@ from kd.experiment.config import split_method_settings
 from kd.methods import METHODS
 from kd.results.metrics import model_cost
 from kd.results.record import ModelCost
+from kd.tuning.outcome import DEFAULT, TUNED, Tuned
 from models import ModelSpec, build_model, check_image_size, find_stages, model_spec, num_outputs
 from models.weights import InputStats, ensure_available, input_stats, read_weights_file
 
@@ -37,6 +39,7 @@ class Setup:
     teacher_file: tuple[dict, dict | None] | None = None  # (state_dict, meta) of teacher.checkpoint
     logs: Path = Path("logs")
     checkpoints: Path = Path("checkpoints")
+    tuned: Tuned | None = None  # set once tuning has chosen (`with_tuned`): the final runs' settings
     _costs: dict = field(default_factory=dict, init=False, repr=False)
     _plain: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -50,18 +53,40 @@ class Setup:
             self._costs[arch] = model_cost(model, self.data.image_size, self.runtime)
         return self._costs[arch]
 
-    def student_settings(self, method: str) -> tuple[dict, dict, ModelSpec]:
+    @property
+    def common_student(self) -> dict:
+        """The student config every method shares: STUDENT_CONFIG, with the tuned recipe once there is one."""
+        return {**self.config["student"], **(self.tuned.recipe if self.tuned else {})}
+
+    def variants(self) -> list[str]:
+        """The variants the runs train in: "" without tuning; tuned and default after it."""
+        return [TUNED, DEFAULT] if self.tuned else [""]
+
+    def methods_in(self, variant: str) -> list[str]:
+        """The methods that train in a variant: at their defaults only those whose tuning chose otherwise."""
+        methods = self.config["experiment"]["methods"]
+        if variant != DEFAULT:
+            return methods
+        return [m for m in methods if self.tuned.changed(m, self.config["methods"][m])]
+
+    def method_entry(self, method: str, variant: str = "") -> dict:
+        """A method's METHODS_CONFIG entry in a variant: the tuned one has its chosen settings."""
+        chosen = self.tuned.settings.get(method, {}) if variant == TUNED else {}
+        return {**self.config["methods"][method], **chosen}
+
+    def student_settings(self, method: str, variant: str = "") -> tuple[dict, dict, ModelSpec]:
         """(loss settings as its Distiller gets them, student config, model spec) of a method: the common student
         unless its entry in METHODS_CONFIG overrides student keys; an unset epoch share is its epochs."""
-        settings, overrides = split_method_settings(self.config["methods"][method], METHODS[method])
-        cfg = {**self.config["student"], **overrides}
-        spec = self.student_spec if cfg == self.config["student"] else self.spec(cfg)
+        settings, overrides = split_method_settings(self.method_entry(method, variant), METHODS[method])
+        common = self.common_student
+        cfg = {**common, **overrides}
+        spec = self.student_spec if cfg == common else self.spec(cfg)
         return METHODS[method].resolve(settings, cfg["epochs"]), cfg, spec
 
     def own_settings(self, method: str) -> dict:
         """The student keys a method sets to values other than the common student's (empty: common protocol)."""
         _, overrides = split_method_settings(self.config["methods"][method], METHODS[method])
-        return {k: v for k, v in overrides.items() if v != self.config["student"][k]}
+        return {k: v for k, v in overrides.items() if v != self.common_student[k]}
 
     def spec(self, model_cfg: dict, stem: str | None = None) -> ModelSpec:
         return model_spec(model_cfg, self.data.image_size, stem or self.config["experiment"]["stem"])
@@ -76,9 +101,16 @@ class Setup:
             self._plain[spec] = self.build(spec, with_weights=False)
         return self._plain[spec]
 
+    def with_tuned(self, tuned: Tuned) -> Setup:
+        """This setup for the final runs of a tuned experiment."""
+        return self._replace(tuned=tuned)
+
     def on(self, runtime: Runtime) -> Setup:
         """This setup computing on another runtime (a resumed experiment's precision), its checked models kept."""
-        moved = dataclasses.replace(self, runtime=runtime)
+        return self._replace(runtime=runtime)
+
+    def _replace(self, **changes) -> Setup:
+        moved = dataclasses.replace(self, **changes)
         moved._plain.update(self._plain)
         moved._costs.update(self._costs)
         return moved
@@ -107,6 +139,8 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
         image_size = expected.size
     data = load_image_data(exp["data_dir"], image_size, exp["hflip"], exp["cache_max_gb"],
                            exp["num_workers"], exp["skip_bad_images"], decode_all)
+    if exp["tune"] and "test" not in data.splits:  # a share of train/ selects, so that val/ can report
+        data = hold_out(data, config["tune"]["holdout_fraction"], config["tune"]["holdout_seed"])
     processes = 1 if distributed.spreads_runs() else distributed.world_size()  # processes sharing a run
     if data.counts["train"] // processes < 2:  # BatchNorm trains on batches of at least 2 images
         raise UserError(f"the train split has {data.counts['train']} image(s), too few for {processes} "

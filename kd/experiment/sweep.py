@@ -34,7 +34,7 @@ from kd.experiment.runs import Teacher, run_methods
 from kd.experiment.setup import Setup
 from kd.experiment.teacher import TeacherSource, build_teacher, obtain_teacher, teacher_path
 from kd.results.files import ExperimentFolder
-from kd.results.record import RunRecord
+from kd.results.record import RunRecord, run_name
 
 log = logging.getLogger("kd")
 
@@ -48,20 +48,21 @@ STORE_PIECE = 4 << 20
 
 @dataclass(frozen=True)
 class Unit:
-    """Runs trained together by one process: methods of one seed."""
+    """Runs trained together by one process: methods of one seed (in one variant of a tuned experiment)."""
     seed: int
     methods: tuple[str, ...]
     seconds: float  # estimated
+    variant: str = ""
 
     def __str__(self) -> str:
-        return f"{'+'.join(self.methods)} seed {self.seed}"
+        return f"{'+'.join(run_name(m, self.variant) for m in self.methods)} seed {self.seed}"
 
 
 def plan_units(setup: Setup, records: list[RunRecord], times: StepTimes) -> list[Unit]:
     """The runs that `records` do not hold yet, as units in queue order: the most expensive first (a long
     unit started last would keep the job waiting on one process)."""
-    units = [Unit(seed, tuple(group), group_seconds(setup, times, group))
-             for seed, group in groups_to_train(setup, records)]
+    units = [Unit(group.seed, tuple(group.methods), group_seconds(setup, times, group.methods), group.variant)
+             for group in groups_to_train(setup, records)]
     return sorted(units, key=lambda unit: -unit.seconds)
 
 
@@ -178,12 +179,15 @@ def _receive_teacher(setup: Setup, store) -> Teacher:
     return Teacher(build_teacher(setup, shipped["checkpoint"]).eval(), shipped["predictions"])
 
 
-def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit], folder: ExperimentFolder,
+def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit] | None, folder: ExperimentFolder,
                  resume_hint: str, teacher_done: Callable[[RunRecord], None],
-                 unit_done: Callable[[Unit, list[RunRecord], int], None]) -> None:
+                 unit_done: Callable[[Unit, list[RunRecord], int], None], times: StepTimes | None = None,
+                 finished: list[RunRecord] | None = None, tune_first: Callable[[Teacher], Setup] | None = None
+                 ) -> None:
     """Train the teacher (rank 0) and `units` over the job's processes. On rank 0, `teacher_done` gets the
     teacher's record and `unit_done` every unit's records and the process that trained it, in the order
-    they finish."""
+    they finish. With `tune_first`, every process takes trials of the studies first, and the units (None
+    until then) are queued from what tuning chose, less the `finished` runs, by rank 0's `times`."""
     store, rank = distributed.store(), distributed.job_rank()
     watch = _Watch(store, resume_hint)
     if rank == 0:
@@ -194,6 +198,12 @@ def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit], 
         teacher_done(record)
     else:
         teacher = _receive_teacher(setup, store)
+    if tune_first is not None:
+        setup = tune_first(teacher)
+        units = queue(setup, finished or [], times)
+        devices = distributed.gather_objects(device_text(setup.runtime.device))
+        if rank == 0:
+            log.info("%s", describe_spread(setup, units, times, devices))
     arrived: set[int] = set()
 
     def collect(wait: bool) -> None:
@@ -213,9 +223,9 @@ def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit], 
         unit = units[index]
         log.info("Process %d trains %s", rank, unit)
         with distributed.alone():
-            records = run_methods(list(unit.methods), unit.seed, setup, teacher, folder)
+            records = run_methods(list(unit.methods), unit.seed, setup, teacher, folder, unit.variant)
             for method in unit.methods:  # the run's state lives where it trained
-                folder.resume_path(method, unit.seed).unlink(missing_ok=True)
+                folder.resume_path(run_name(method, unit.variant), unit.seed).unlink(missing_ok=True)
         _put(store, f"done/{index}", pickle.dumps((rank, records)))
         collect(wait=False)
     collect(wait=True)

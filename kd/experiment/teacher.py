@@ -28,7 +28,8 @@ from models.weights import InputStats, input_stats, load_state_strictly
 log = logging.getLogger("kd")
 
 # What a saved teacher must share with this experiment to be reused (besides its starting weights).
-REUSE_KEYS = ("source", "builder", "weights", "class_names", "image_size", "stem")
+# A teacher trained on all of train/ must not be reused where a share of it is held out to select (tuning).
+REUSE_KEYS = ("source", "builder", "weights", "class_names", "image_size", "stem", "held_out")
 
 
 def teacher_path(setup: Setup, tag: str = "best") -> Path:
@@ -123,7 +124,7 @@ def find_teacher(setup: Setup, resume_records: list[RunRecord] | None = None) ->
     checkpoint = load_checkpoint(best_path)
     wanted = {**model_meta(setup.teacher_spec, setup), "start": _start(setup)}
     saved = {"source": "torchvision", "builder": str(checkpoint["meta"].get("arch", "")).lower(), "weights": None,
-             "start": None, **checkpoint["meta"]}  # checkpoints from before any-model support name only arch
+             "start": None, "held_out": None, **checkpoint["meta"]}  # checkpoints from before any-model support name only arch
     for key in (*REUSE_KEYS, "start"):
         if saved.get(key) != wanted[key]:
             raise UserError(f"teacher checkpoint '{best_path}' does not fit this experiment: {key} is "

@@ -8,6 +8,7 @@ from torch import nn
 from kd.methods.base import Distiller
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE, POSITIVE
+from kd.space import Range
 from models import find_stages, pair_stages
 
 
@@ -59,4 +60,5 @@ class AT(Distiller):
 
 register(Method("AT", AT, {"p": POSITIVE, "ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE},
                 idea="Zagoruyko & Komodakis (ICLR 2017): the student matches the teacher's spatial attention maps "
-                     "after each stage."))
+                     "after each stage.",
+                search_space={"beta": Range(10.0, 10000.0, log=True)}))

@@ -10,6 +10,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import kd_loss
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL
+from kd.space import Range
 from models import ExitHead, classifier_name, find_stages
 
 
@@ -90,4 +91,6 @@ register(Method(
     idea="Zhang et al. (ICCV 2019): the network's deepest exit teaches three auxiliary exits (self-distillation); "
          "the accuracy is the deepest exit's.",
     record_fields={"exit_accuracies": "Exit accuracies (shallow → deepest)",
-                   "ensemble_accuracy": "Ensemble accuracy"}))
+                   "ensemble_accuracy": "Ensemble accuracy"},
+    search_space={"alpha": Range(0.0, 0.9), "temperature": Range(1.0, 8.0),
+                  "feat_weight": Range(1e-8, 1e-4, log=True)}))

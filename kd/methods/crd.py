@@ -18,6 +18,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import kd_loss
 from kd.methods.registry import Method, register
 from kd.rules import BELOW_ONE, NON_NEGATIVE, POSITIVE, POSITIVE_INT
+from kd.space import Range
 from models import classifier_name
 
 EPS = 1e-7
@@ -138,4 +139,5 @@ register(Method(
     {"ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "temperature": POSITIVE, "beta": NON_NEGATIVE,
      "feat_dim": POSITIVE_INT, "nce_k": POSITIVE_INT, "nce_t": POSITIVE, "nce_m": BELOW_ONE},
     idea="Tian et al. (ICLR 2020): contrastive: the student's pooled feature is pulled towards the teacher's for "
-         "the same image and away from the teacher's for images of other classes."))
+         "the same image and away from the teacher's for images of other classes.",
+    search_space={"beta": Range(0.1, 4.0, log=True), "nce_t": Range(0.02, 0.5, log=True)}))

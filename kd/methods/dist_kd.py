@@ -13,6 +13,7 @@ from torch import nn
 from kd.methods.base import Distiller
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE, POSITIVE
+from kd.space import Range
 
 
 def _mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -53,4 +54,6 @@ class DIST(Distiller):
 register(Method(
     "DIST", DIST, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "temperature": POSITIVE},
     idea="Huang et al. (NeurIPS 2022): the student matches the correlation of its softened predictions with the "
-         "teacher's, per sample across classes and per class across the batch."))
+         "teacher's, per sample across classes and per class across the batch.",
+    search_space={"beta": Range(0.5, 8.0, log=True), "gamma": Range(0.5, 8.0, log=True),
+                  "temperature": Range(1.0, 8.0)}))

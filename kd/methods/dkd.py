@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import WARMUP_DECLARATION, WARMUP_RULE, LossWarmup, standardize_logits
+from kd.methods.common import (
+    WARMUP_DECLARATION,
+    WARMUP_RULE,
+    LossWarmup,
+    standardize_logits,
+)
 from kd.methods.registry import Method, register
 from kd.rules import BOOL, NON_NEGATIVE, POSITIVE
+from kd.space import Range
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, alpha: float,
@@ -72,4 +78,5 @@ DKD_SETTINGS = {"ce_weight": NON_NEGATIVE, "tckd_weight": NON_NEGATIVE, "nckd_we
                 "temperature": POSITIVE, "warmup_epochs": WARMUP_RULE, "standardize": BOOL}
 register(Method("DKD", DKD, DKD_SETTINGS,
                 idea="Zhao et al. (CVPR 2022): KD split into a target-class and a non-target-class term, weighted "
-                     "separately, with a warm-up of the distillation weight.", **WARMUP_DECLARATION))
+                     "separately, with a warm-up of the distillation weight.", **WARMUP_DECLARATION,
+                search_space={"nckd_weight": Range(1.0, 64.0, log=True), "temperature": Range(1.0, 8.0)}))

@@ -9,6 +9,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import kd_loss
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE, POSITIVE, int_at_least
+from kd.space import Range
 from models import fresh_copy
 
 
@@ -68,4 +69,5 @@ register(Method(
     idea="Zhang et al. (CVPR 2018): two students learn from the labels and from each other, no teacher; the "
          "accuracy is the mean over peers.",
     record_fields={"peer_accuracies": "Peer accuracies (best per peer)"},
-    cost=lambda settings: settings["num_peers"]))  # every peer trains a step per batch
+    cost=lambda settings: settings["num_peers"],
+    search_space={"kl_weight": Range(0.1, 10.0, log=True), "temperature": Range(1.0, 8.0)}))  # every peer trains a step per batch

@@ -9,6 +9,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import kd_loss
 from kd.methods.registry import Method, register
 from kd.rules import BOOL, NON_EMPTY_TEXT, NON_NEGATIVE, POSITIVE_INT, Rule
+from kd.space import Range
 from models import ModelError, Stage, find_stages, matching_stage
 
 # The paper's second stage is plain KD, with the settings README's "Methods" gives for FitNets.
@@ -94,4 +95,5 @@ register(Method(
      "ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "two_stage": BOOL,
      "hint_epochs": Rule("null or an integer >= 1", lambda v: v is None or POSITIVE_INT.check(v))},
     idea="Romero et al. (ICLR 2015): a regressor maps the student's features at one stage (the hint) onto the "
-         "teacher's."))
+         "teacher's.",
+    search_space={"beta": Range(1.0, 1000.0, log=True)}))

@@ -9,6 +9,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import kd_loss
 from kd.methods.registry import Method, register
 from kd.rules import BOOL, NON_NEGATIVE, POSITIVE
+from kd.space import Range
 
 
 class KD(Distiller):
@@ -34,4 +35,5 @@ KD_SETTINGS = {"temperature": POSITIVE, "ce_weight": NON_NEGATIVE, "kd_weight": 
 
 register(Method("KD", KD, KD_SETTINGS,
                 idea="Hinton et al. (2015): the student matches the teacher's temperature-softened class "
-                     "probabilities."))
+                     "probabilities.",
+                search_space={"temperature": Range(1.0, 8.0), "kd_weight": Range(0.1, 10.0, log=True)}))

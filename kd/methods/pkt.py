@@ -12,6 +12,7 @@ from torch import nn
 from kd.methods.base import Distiller
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
+from kd.space import Range
 
 
 def _conditional_probabilities(feature: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,4 +52,5 @@ class PKT(Distiller):
 register(Method(
     "PKT", PKT, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE},
     idea="Passalis & Tefas (ECCV 2018): the student matches the teacher's distribution of cosine similarities "
-         "between the pooled features of a batch."))
+         "between the pooled features of a batch.",
+    search_space={"beta": Range(1000.0, 1000000.0, log=True)}))

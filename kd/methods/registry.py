@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from kd.methods.base import Distiller
 from kd.rules import Rule
+from kd.space import Range
 
 
 def one_student(_settings: Mapping[str, Any]) -> float:
@@ -46,8 +47,8 @@ class Method:
     cost: Callable[[Mapping[str, Any]], float] = one_student
     # settings counted in epochs whose `null` means a share of the run's epochs
     epoch_shares: Mapping[str, EpochShare] = field(default_factory=dict)
-    # setting -> the values tuning may try; empty: the method declares no search space
-    search_space: Mapping[str, Any] = field(default_factory=dict)
+    # setting -> the range `--tune` searches (TUNE_CONFIG["spaces"] may replace it); empty: nothing to tune
+    search_space: Mapping[str, Range] = field(default_factory=dict)
 
     def resolve(self, settings: Mapping[str, Any], epochs: int) -> dict[str, Any]:
         """The settings the Distiller gets for a run of `epochs`: an unset epoch share becomes its epochs."""
@@ -84,6 +85,9 @@ class Registry(dict[str, Method]):
         if undeclared:
             raise TypeError(f"{method.name}: its epoch_shares or search_space name settings it does not have: "
                             f"{', '.join(undeclared)}")
+        for name, searched in method.search_space.items():
+            if searched.problem():
+                raise TypeError(f"{method.name}: the search range of {name} cannot be searched: {searched.problem()}")
         self[method.name] = method
         return method
 

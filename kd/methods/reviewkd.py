@@ -16,6 +16,7 @@ from kd.methods.base import Distiller
 from kd.methods.common import WARMUP_DECLARATION, WARMUP_RULE, LossWarmup
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
+from kd.space import Range
 from models import classifier_name, find_stages, pair_stages
 
 
@@ -126,4 +127,5 @@ register(Method(
     "ReviewKD", ReviewKD, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "warmup_epochs": WARMUP_RULE},
     idea="Chen et al. (CVPR 2021): attention-based fusion modules combine each student stage with the deeper "
          "ones and match the result to the teacher's same stage.",
-    **WARMUP_DECLARATION))
+    **WARMUP_DECLARATION,
+    search_space={"beta": Range(0.5, 50.0, log=True)}))

@@ -12,6 +12,7 @@ from torch import nn
 from kd.methods.base import Distiller
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
+from kd.space import Range
 
 
 def _distances(x: torch.Tensor) -> torch.Tensor:
@@ -66,4 +67,5 @@ register(Method(
     "RKD", RKD, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE, "distance_weight": NON_NEGATIVE,
                  "angle_weight": NON_NEGATIVE},
     idea="Park et al. (CVPR 2019): the student matches the teacher's distances and angles between the pooled "
-         "features of the samples in a batch."))
+         "features of the samples in a batch.",
+    search_space={"distance_weight": Range(2.5, 250.0, log=True), "angle_weight": Range(5.0, 500.0, log=True)}))

@@ -12,6 +12,7 @@ from torch import nn
 from kd.methods.base import Distiller
 from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
+from kd.space import Range
 from models import find_stages
 
 
@@ -55,4 +56,5 @@ class SP(Distiller):
 register(Method(
     "SP", SP, {"ce_weight": NON_NEGATIVE, "beta": NON_NEGATIVE},
     idea="Tung & Mori (ICCV 2019): the student matches the teacher's sample-to-sample similarities of the last "
-         "stage's features within a batch."))
+         "stage's features within a batch.",
+    search_space={"beta": Range(100.0, 100000.0, log=True)}))

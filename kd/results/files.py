@@ -18,7 +18,8 @@ from kd.engine import distributed
 from kd.engine.checkpoint import write_json, write_text
 from kd.errors import UserError
 from kd.results.record import TEACHER, RunRecord
-from kd.results.table import CSV_COLUMNS, aggregate
+from kd.results.table import CSV_COLUMNS, add_tuning_columns, aggregate, compared_on, row_label
+from kd.tuning.outcome import DEFAULT
 
 
 @dataclass(frozen=True)
@@ -102,22 +103,33 @@ def write_results(exp_dir: Path, records: list[RunRecord], summary: dict, final:
     atomically), and return the table's rows; at the end of the experiment (`final`) also the plots and
     report.md. Only rank 0 of a torchrun job writes."""
     rows = aggregate(records)
+    if "tuning" in summary:
+        add_tuning_columns(rows, summary["tuning"])
     if not distributed.is_main():
         return rows
-    lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
+    lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row.get(c)) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
     students = [row for row in rows if row["method"] != TEACHER and row["protocol"] == "common"]
-    best = max(students, key=lambda row: row["best_accuracy"])["method"] if students else None
+    key = "test_accuracy" if compared_on(records) == "test_accuracy" else "best_accuracy"
+    best = max(students, key=lambda row: row[key])["method"] if students else None
     failed = [{"method": r.method, "seed": r.seed, "reason": r.reason} for r in records if not r.ok]
-    summary.update(methods={row["method"]: {"mean": row["best_accuracy"], "std": row["best_accuracy_std"],
-                                            "n": row["n_seeds"], "gain_vs_baseline": row["gain_vs_baseline"],
-                                            "p_value_vs_baseline": row["p_value_vs_baseline"]} for row in rows},
+    summary.update(methods={row_label(row): {"mean": row["best_accuracy"], "std": row["best_accuracy_std"],
+                                             "n": row["n_seeds"], "gain_vs_baseline": row["gain_vs_baseline"],
+                                             "p_value_vs_baseline": row["p_value_vs_baseline"],
+                                             **({"test_mean": row["test_accuracy"], "test_std": row["test_accuracy_std"],
+                                                 "settings": row.get("settings")} if row.get("variant") else {})}
+                            for row in rows},
                    best_method=best, failed_runs=failed)
     write_json(exp_dir / "experiment_summary.json", summary)
     if final:
         from kd.results.plots import write_plots  # matplotlib is imported only when plots are drawn
         from kd.results.report_md import write_report_md
-        plots = write_plots(exp_dir, records, rows, summary["data"]["classes"], best)
+        shown = [r for r in records if r.variant != DEFAULT]  # the figures show each method once, tuned
+        plots = write_plots(exp_dir, shown, [row for row in rows if row.get("variant") != DEFAULT],
+                            summary["data"]["classes"], best)
+        if "tuning" in summary:
+            from kd.tuning.figures import write_tuning_figures
+            plots.update(write_tuning_figures(exp_dir, summary))
         write_report_md(exp_dir, rows, records, summary, plots)
     return rows
 

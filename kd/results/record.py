@@ -17,6 +17,11 @@ from kd.engine.result import RunResult, TrainingLog
 TEACHER = "Teacher"  # the `method` of the teacher's own record
 
 
+def run_name(method: str, variant: str = "") -> str:
+    """A run's name in file and folder names: the method, and its variant in a tuned experiment (KD_default)."""
+    return f"{method}_{variant}" if variant else method
+
+
 @dataclass
 class PredictionMetrics:
     """Computed from the val probabilities of the run's best epoch (kd/results/metrics.py)."""
@@ -58,6 +63,7 @@ class RunRecord:
     seed: int
     status: str = "ok"  # "ok" or "failed"
     protocol: str = "common"  # or "own: lr=0.05" when the method trains its own student settings
+    variant: str = ""   # in a tuned experiment: "tuned" (its chosen settings) or "default"
     reason: str | None = None  # why a failed run failed
     teacher_file: TeacherFile | None = None
     result: RunResult | None = None
@@ -77,6 +83,8 @@ class RunRecord:
         """The flat dict comparison_results.json stores."""
         flat = {"method": self.method, "model": self.model, "teacher": self.teacher, "seed": self.seed,
                 "status": self.status, "protocol": self.protocol}
+        if self.variant:
+            flat["variant"] = self.variant
         if self.reason is not None:
             flat["reason"] = self.reason
         for name in _PARTS:

@@ -1,0 +1,54 @@
+"""The tuning figures of report.md, drawn by Optuna's own matplotlib functions from the stored studies: per
+study, the optimization history, the settings' importances (Optuna's default evaluator) and the val accuracy
+against its two most important settings."""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+
+from kd.engine.checkpoint import atomic_write  # noqa: E402
+from kd.tuning.study import open_storage  # noqa: E402
+
+log = logging.getLogger("kd")
+
+
+def _save(axes, path: Path) -> str:
+    figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path.name
+
+
+def write_tuning_figures(exp_dir: Path, summary: dict) -> dict[str, str]:
+    """Draw every study's figures into the experiment folder; returns {figure: file name}."""
+    storage = open_storage(summary["config"]["tune"]["storage"], exp_dir / "tuning.journal")
+    plots: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for stage, info in summary["tuning"]["studies"].items():
+            study = optuna.load_study(study_name=info["study"], storage=storage)
+            plots[f"tuning_history_{stage}"] = _save(
+                optuna.visualization.matplotlib.plot_optimization_history(study), exp_dir / f"tuning_history_{stage}.png")
+            try:
+                importances = optuna.importance.get_param_importances(study)
+            except (RuntimeError, ValueError) as err:  # too few completed trials to weigh the settings
+                log.info("No importance figure for %s: %s", stage, err)
+                continue
+            plots[f"tuning_importance_{stage}"] = _save(
+                optuna.visualization.matplotlib.plot_param_importances(study),
+                exp_dir / f"tuning_importance_{stage}.png")
+            top = list(importances)[:2]
+            draw = optuna.visualization.matplotlib.plot_contour if len(top) == 2 else \
+                optuna.visualization.matplotlib.plot_slice
+            plots[f"tuning_settings_{stage}"] = _save(draw(study, params=top), exp_dir / f"tuning_settings_{stage}.png")
+    return plots

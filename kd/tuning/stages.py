@@ -1,0 +1,149 @@
+"""The two stages of `--tune`. Stage 1 tunes the common recipe (the student's lr and weight decay) on the
+reference method; stage 2 each method's own settings on that recipe. Every study gets the same number of
+trials, its first trial at the defaults; a trial trains one student on the trial seed, scored by the best
+val (selection) accuracy of its epochs, on data without the reporting split."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from kd.data.holdout import without_reporting
+from kd.engine import distributed
+from kd.engine.run import RunFailed, RunSpec
+from kd.engine.trainer import fit
+from kd.experiment.runs import Teacher, initial_student, make_distiller
+from kd.experiment.setup import Setup
+from kd.methods import METHODS, REFERENCE
+from kd.results.files import ExperimentFolder
+from kd.space import Range
+from kd.tuning.outcome import TUNED, Tuned
+from kd.tuning.spaces import RECIPE, recipe_space, search_space
+from kd.tuning.study import (
+    FAILURE,
+    Claims,
+    all_finished,
+    counted_trials,
+    make_pruner,
+    open_storage,
+    reopen,
+    reseed,
+)
+
+log = logging.getLogger("kd")
+SECONDS = "seconds"  # user attribute: a trial's training time
+
+
+def stages(setup: Setup) -> list[tuple[str, str, dict[str, Range], dict[str, Any]]]:
+    """(study name, method trained, search space, defaults) of every study, in the order they run."""
+    config, tune_cfg = setup.config, setup.config["tune"]
+    todo = []
+    if tune_cfg["recipe"]:
+        todo.append((RECIPE, REFERENCE, recipe_space(tune_cfg),
+                     {key: config["student"][key] for key in recipe_space(tune_cfg)}))
+    for method in config["experiment"]["methods"]:
+        space = search_space(method, METHODS[method], tune_cfg, config["methods"][method])
+        if space:
+            todo.append((method, method, space, {key: config["methods"][method][key] for key in space}))
+    return todo
+
+
+def study_name(folder: ExperimentFolder, stage: str) -> str:
+    return f"{folder.path.name}/{stage}"
+
+
+def open_study(setup: Setup, folder: ExperimentFolder, stage: str) -> optuna.Study:
+    storage = open_storage(setup.config["tune"]["storage"], folder.path / "tuning.journal")
+    return optuna.create_study(study_name=study_name(folder, stage), storage=storage, direction="maximize",
+                               pruner=make_pruner(setup.config["tune"]), load_if_exists=True)
+
+
+def tune(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage_done: Callable[[], None]) -> Tuned:
+    """Run (or, resumed, finish) both stages; return the recipe and the settings they chose. `stage_done` is
+    called on rank 0 after each study (the trials file is rewritten there)."""
+    recipe: dict[str, float] = {}
+    chosen: dict[str, dict[str, Any]] = {}
+    for stage, method, space, defaults in stages(setup):
+        trial_setup = (lambda values: setup.with_tuned(Tuned(values, {}))) if stage == RECIPE else (
+            lambda values, method=method: setup.with_tuned(Tuned(recipe, {method: values})))
+        best = _run_study(setup, teacher, folder, stage, method, space, defaults, trial_setup)
+        if stage == RECIPE:
+            recipe = best
+        else:
+            chosen[method] = best
+        log.info("Tuning %s chose %s (defaults %s)", stage, _settings_text(best), _settings_text(defaults))
+        if distributed.is_main():
+            stage_done()
+    return Tuned(recipe or {key: setup.config["student"][key] for key in ("lr", "weight_decay")}, chosen)
+
+
+def _run_study(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: str, method: str,
+               space: dict[str, Range], defaults: dict[str, Any], trial_setup: Callable[[dict], Setup]) -> dict:
+    study = open_study(setup, folder, stage) if distributed.is_main() else None
+    counted = reopen(study, defaults) if distributed.is_main() else None
+    counted = distributed.broadcast_object(counted)
+    if study is None:
+        study = open_study(setup, folder, stage)
+    budget = setup.config["tune"]["trials"]
+    claims = Claims(f"tune/{stage}/taken", budget - counted)
+    while claims.take():
+        reseed(study, setup.config["tune"]["sampler_seed"])
+        trial = study.ask()
+        values = {name: searched.suggest(trial, name) for name, searched in space.items()}
+        state, value = _train_trial(trial_setup(values), teacher, folder, stage, method, trial)
+        study.tell(trial, value, state=state)
+        log.info("Tuning %s, trial %d of %d: %s -> %s", stage, len(counted_trials(study)), budget,
+                 _settings_text(values), f"val {value:.4f}" if value is not None else state.name.lower())
+    all_finished(f"tune/{stage}/finished")
+    return chosen_settings(study)
+
+
+def chosen_settings(study: optuna.Study) -> dict:
+    """The settings of the best completed trial; on a tie the earliest (the defaults, when they tie)."""
+    complete = [trial for trial in counted_trials(study) if trial.state == TrialState.COMPLETE]
+    if not complete:
+        return {}
+    return max(complete, key=lambda trial: (trial.value, -trial.number)).params
+
+
+def _train_trial(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: str, method: str,
+                 trial: optuna.Trial) -> tuple[TrialState, float | None]:
+    """Train one trial's student, reporting each epoch's val score to the pruner. A run that diverges is a
+    failed trial; the study goes on."""
+    seed = setup.config["tune"]["trial_seed"]
+    settings, cfg, spec = setup.student_settings(method, TUNED)
+    trial.set_user_attr("seed", seed)
+
+    def report(entry: dict) -> None:
+        trial.report(entry["score"], entry["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    label = f"{stage}_trial{trial.number}"
+    run_spec = RunSpec(f"{stage} trial {trial.number}", cfg, seed,
+                       setup.logs / "tuning" / f"{label}_{folder.stamp}", None, {}, after_epoch=report)
+    started = time.perf_counter()
+    state, value = TrialState.COMPLETE, None
+    with distributed.alone():
+        distiller = make_distiller(setup, method, settings, spec, initial_student(setup, spec, seed), seed, teacher)
+        try:
+            result, _, _ = fit(distiller, without_reporting(setup.data), run_spec, setup.runtime)
+            value = result.best_accuracy
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except RunFailed as failure:
+            state = TrialState.FAIL
+            trial.set_user_attr(FAILURE, str(failure))
+        finally:
+            distiller.close()
+    trial.set_user_attr(SECONDS, time.perf_counter() - started)
+    return state, value
+
+
+def _settings_text(values: dict) -> str:
+    return json.dumps({key: float(f"{value:.4g}") for key, value in values.items()}) if values else "{}"
