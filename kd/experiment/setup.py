@@ -16,7 +16,7 @@ from kd.engine import distributed
 from kd.engine.runtime import Runtime, resolve_device, resolve_precision
 from kd.errors import UserError
 from kd.experiment.config import split_method_settings
-from kd.methods import METHODS
+from kd.methods import METHODS, REFERENCE
 from kd.results.metrics import model_cost
 from kd.results.record import ModelCost
 from kd.tuning.outcome import DEFAULT, TUNED, Tuned
@@ -63,11 +63,13 @@ class Setup:
         return [TUNED, DEFAULT] if self.tuned else [""]
 
     def methods_in(self, variant: str) -> list[str]:
-        """The methods that train in a variant: at their defaults only those whose tuning chose otherwise."""
+        """The methods that train in a variant: at their defaults only those whose tuning chose otherwise (the
+        reference's defaults are your recipe)."""
         methods = self.config["experiment"]["methods"]
         if variant != DEFAULT:
             return methods
-        return [m for m in methods if self.tuned.changed(m, self.config["methods"][m])]
+        return [m for m in methods if self.tuned.changed(m, self.config["methods"][m])
+                or (m == REFERENCE and self.common_student != self.config["student"])]
 
     def method_entry(self, method: str, variant: str = "") -> dict:
         """A method's METHODS_CONFIG entry in a variant: the tuned one has its chosen settings."""
@@ -78,7 +80,8 @@ class Setup:
         """(loss settings as its Distiller gets them, student config, model spec) of a method: the common student
         unless its entry in METHODS_CONFIG overrides student keys; an unset epoch share is its epochs."""
         settings, overrides = split_method_settings(self.method_entry(method, variant), METHODS[method])
-        common = self.common_student
+        # the reference has no settings of its own: at its defaults it trains with your recipe
+        common = self.config["student"] if (method, variant) == (REFERENCE, DEFAULT) else self.common_student
         cfg = {**common, **overrides}
         spec = self.student_spec if cfg == common else self.spec(cfg)
         return METHODS[method].resolve(settings, cfg["epochs"]), cfg, spec

@@ -7,6 +7,8 @@ from typing import Any
 from kd.engine.checkpoint import write_text
 from kd.methods import METHODS, REFERENCE
 from kd.results.record import TEACHER, RunRecord
+from kd.results.table import row_label
+from kd.tuning.outcome import DEFAULT
 
 SIGNIFICANCE = 0.05
 
@@ -71,6 +73,54 @@ def _values(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _settings(values: dict) -> str:
+    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in values.items())
+
+
+def tuning_section(rows: list[dict], summary: dict, plots: dict[str, str]) -> list[str]:
+    """report.md's account of a tuned experiment: the protocol, default against tuned on the reporting split,
+    the chosen settings, the trials and their cost, and the figures of each study."""
+    tuning = summary["tuning"]
+    studies = tuning["studies"]
+    seeds = ", ".join(map(str, tuning["final_seeds"]))
+    selection = (f"a held-out {tuning['held_out']}" if tuning.get("held_out") else "val/")
+    reporting = "val/" if tuning.get("held_out") else "test/"
+    recipe = ("Stage 1 tuned the common recipe (the student's lr and weight decay) on "
+              f"{REFERENCE}; every method then trained with it ({_settings(tuning['recipe'])}), so the common "
+              "protocol holds." if tuning["recipe_tuned"] else
+              f"Stage 1 was off: every method kept your recipe ({_settings(tuning['recipe'])}).")
+    lines = ["## Tuning", "",
+             f"{recipe} Stage 2 tuned each method's own settings with Optuna: every method got the same "
+             f"{tuning['trials_per_study']} trials, the first at its paper defaults, each trial one student on seed "
+             f"{tuning['trial_seed']} scored by its best accuracy on the selection split ({selection}); a "
+             f"successive-halving pruner stopped poor trials on their per-epoch accuracy"
+             f"{'' if tuning['pruner'] != 'none' else ' (here off)'}. Then every method trained at its chosen and "
+             f"at its default settings with fresh seeds ({seeds}), and the accuracies below are on the reporting "
+             f"split ({reporting}), which tuning never read: a setting chosen on the same split it is reported on "
+             "would look better than it is.", "",
+             f"| method | default ({reporting}) | tuned ({reporting}) | change | chosen settings | defaults | trials "
+             "| pruned | failed | device-hours |", "|---" * 10 + "|"]
+    by_key = {(row["method"], row.get("variant")): row for row in rows}
+    for stage, study in studies.items():
+        method = study["method"]
+        tuned = by_key.get((method, "tuned"))
+        default = by_key.get((method, "default")) or (tuned if study["chosen"] == study["defaults"] else None)
+        change = (f"{(tuned['test_accuracy'] - default['test_accuracy']) * 100:+.2f} pts"
+                  if tuned and default and tuned["test_accuracy"] is not None else "")
+        label = f"{method} (recipe)" if stage == "recipe" else method
+        lines.append(f"| {label} | {_fmt(default['test_accuracy']) if default else ''} | "
+                     f"{_fmt(tuned['test_accuracy']) if tuned else ''} | {change} | {_settings(study['chosen'])} | "
+                     f"{_settings(study['defaults'])} | {study['trials']} | {study['pruned']} | {study['failed']} | "
+                     f"{study['device_hours']:.4f} |")
+    lines += ["", f"The pruner ran {tuning['pruner_saved_epochs'] * 100:.0f}% fewer training epochs than the same "
+              "trials run to the end would have (tuning_trials.csv lists every trial). A method whose defaults won "
+              "its study trained once; its default column repeats its tuned one.", ""]
+    for stage in studies:
+        lines += [f"![{name}]({file})" for name, file in plots.items() if name.endswith(f"_{stage}")]
+    return [*lines, ""]
+
+
 def write_report_md(exp_dir: Path, rows: list[dict], records: list[RunRecord], summary: dict,
                     plots: dict[str, str]) -> None:
     env, data = summary["environment"], summary["data"]
@@ -79,7 +129,7 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[RunRecord], s
              "|---" * 15 + "|"]
     for r in rows:
         gain = "" if r["gain_vs_baseline"] is None else f"{r['gain_vs_baseline'] * 100:+.2f} pts"
-        table.append(f"| {r['method']} | {r['model']} | {r['teacher']} | {r['protocol']} | "
+        table.append(f"| {row_label(r)} | {r['model']} | {r['teacher']} | {r['protocol']} | "
                      f"{_fmt(r['best_accuracy'])} | "
                      f"{_fmt(r['best_accuracy_std'])} | {r['n_seeds']} | {_fmt(r['test_accuracy'])} | "
                      f"{_fmt(r['top5_accuracy'])} | {_fmt(r['nll'])} | {_fmt(r['ece'])} | "
@@ -87,7 +137,9 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[RunRecord], s
                      f"{_fmt(r['training_time'], 1)} |")
     paragraphs = []
     for r in rows:
-        runs = [x for x in records if x.method == r["method"] and x.ok]
+        if r.get("variant") == DEFAULT:  # the tuning section sets it beside the tuned one
+            continue
+        runs = [x for x in records if (x.method, x.variant) == (r["method"], r.get("variant", "")) and x.ok]
         paragraphs.append(f"**{r['method']}** — {_idea(r['method'])} Best val accuracy "
                           f"{r['best_accuracy']:.4f}" + (f" ± {r['best_accuracy_std']:.4f}" if r["n_seeds"] > 1 else "")
                           + f" over {r['n_seeds']} seed(s).{_extras(r['method'], runs)} {verdict(r)}".rstrip())
@@ -107,9 +159,12 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[RunRecord], s
         "",
         "Accuracies are fractions of the val split at each run's best val epoch; test accuracy (if a test "
         f"split exists) is taken at that same epoch. Gains are paired per seed against {REFERENCE}; a difference "
-        f"counts as significant only when a paired t-test over at least two seeds gives p < {SIGNIFICANCE}.",
+        f"counts as significant only when a paired t-test over at least two seeds gives p < {SIGNIFICANCE}."
+        + (" This experiment was tuned: \"val\" is the selection split and \"test\" the reporting split (see "
+           "Tuning), and gains and p-values are on the reporting split." if "tuning" in summary else ""),
         "", *table, "",
-        *(f"![{name}]({file})" for name, file in plots.items()), "",
+        *(f"![{name}]({file})" for name, file in plots.items() if not name.startswith("tuning_")), "",
+        *(tuning_section(rows, summary, plots) if "tuning" in summary else []),
         "## Methods", "", *[p + "\n" for p in paragraphs],
     ]
     if failed:
