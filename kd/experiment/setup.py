@@ -18,8 +18,8 @@ from kd.errors import UserError
 from kd.experiment.config import split_method_settings
 from kd.methods import METHODS, REFERENCE
 from kd.results.metrics import model_cost
-from kd.results.record import ModelCost
-from kd.tuning.outcome import DEFAULT, TUNED, Tuned
+from kd.results.record import DEFAULT, TUNED, ModelCost
+from kd.tuning.outcome import Tuned
 from models import ModelSpec, build_model, check_image_size, find_stages, model_spec, num_outputs
 from models.weights import InputStats, ensure_available, input_stats, read_weights_file
 

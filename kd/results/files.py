@@ -17,9 +17,8 @@ import torchvision
 from kd.engine import distributed
 from kd.engine.checkpoint import write_json, write_text
 from kd.errors import UserError
-from kd.results.record import TEACHER, RunRecord
+from kd.results.record import DEFAULT, TEACHER, RunRecord
 from kd.results.table import CSV_COLUMNS, add_tuning_columns, aggregate, compared_on, row_label
-from kd.tuning.outcome import DEFAULT
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 from kd.engine.result import RunResult, TrainingLog
 
 TEACHER = "Teacher"  # the `method` of the teacher's own record
+TUNED, DEFAULT = "tuned", "default"  # a tuned experiment's run variants: at the chosen settings, at the defaults
 
 
 def run_name(method: str, variant: str = "") -> str:

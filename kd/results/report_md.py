@@ -6,9 +6,8 @@ from typing import Any
 
 from kd.engine.checkpoint import write_text
 from kd.methods import METHODS, REFERENCE
-from kd.results.record import TEACHER, RunRecord
+from kd.results.record import DEFAULT, TEACHER, RunRecord
 from kd.results.table import row_label
-from kd.tuning.outcome import DEFAULT
 
 SIGNIFICANCE = 0.05
 

@@ -9,9 +9,7 @@ import pandas as pd
 
 from kd.methods import REFERENCE
 from kd.results.metrics import mean_std, paired_comparison
-from kd.results.record import TEACHER, RunRecord
-from kd.tuning.outcome import TUNED
-from kd.tuning.spaces import RECIPE
+from kd.results.record import TEACHER, TUNED, RunRecord
 
 TABLE_COLUMNS = ["method", "model", "teacher", "best_accuracy", "training_time", "epochs", "protocol"]
 MEAN_COLUMNS = ["final_accuracy", "test_accuracy", "top5_accuracy", "nll", "ece", "teacher_agreement"]
@@ -77,7 +75,7 @@ def add_tuning_columns(rows: list[dict], tuning: dict) -> None:
     trials run, pruned and failed, and its device time (a method's own study; the reference's is the recipe's)."""
     studies = tuning["studies"]
     by_method = {study["method"]: study for stage, study in studies.items() if stage == study["method"]}
-    recipe = studies.get(RECIPE)
+    recipe = next((study for stage, study in studies.items() if stage != study["method"]), None)  # stage 1's
     for row in rows:
         study = by_method.get(row["method"]) or (recipe if row["method"] == REFERENCE else None)
         if not row.get("variant"):

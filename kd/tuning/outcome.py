@@ -1,10 +1,8 @@
-"""What tuning chose (`Tuned`), and the two variants every method's final runs train in."""
+"""What tuning chose (`Tuned`): the final runs train at it (variant "tuned") and at the defaults ("default")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-TUNED, DEFAULT = "tuned", "default"  # a final run's variant: at the chosen settings, or at the defaults
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from kd.data.holdout import split_roles
 from kd.engine import distributed
 from kd.errors import UserError
 from kd.experiment.estimate import StepTimes, as_minutes, group_seconds, teacher_seconds
@@ -41,10 +40,11 @@ def pruned_epochs(epochs: int, min_epochs: int, reduction: int) -> float:
 
 
 def describe_tuning(setup: Setup, times: StepTimes) -> str:
-    """--check --tune: the stages and their search spaces, the budget, the split roles and the cost."""
+    """--check --tune: the stages and their search spaces, the budget and the cost (the plan has said which
+    split plays which role)."""
     tune_cfg, exp = setup.config["tune"], setup.config["experiment"]
     todo = stages(setup)
-    lines = [split_roles(setup.data, tuning=True)]
+    lines = []
     if tune_cfg["recipe"]:
         lines.append(f"tuning stage 1, the common recipe: {_space(todo[0][2])} on {REFERENCE}; every method "
                      "then trains with the chosen lr and weight decay (the common protocol holds)")

@@ -21,8 +21,9 @@ from kd.experiment.runs import Teacher, initial_student, make_distiller
 from kd.experiment.setup import Setup
 from kd.methods import METHODS, REFERENCE
 from kd.results.files import ExperimentFolder
+from kd.results.record import TUNED
 from kd.space import Range
-from kd.tuning.outcome import TUNED, Tuned
+from kd.tuning.outcome import Tuned
 from kd.tuning.spaces import RECIPE, recipe_space, search_space
 from kd.tuning.study import (
     FAILURE,
