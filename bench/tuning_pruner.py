@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import final  # noqa: E402
-import kd.tuning.stages as stages  # noqa: E402
+from kd.tuning import stages  # noqa: E402
 from kd.data.digits import export_digits_demo  # noqa: E402
 from kd.tuning.study import counted_trials  # noqa: E402
 
