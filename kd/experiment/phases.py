@@ -73,6 +73,8 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
     teacher = find_teacher(setup, finished) if distributed.is_main() or not spread else None
     timed = distributed.is_main() and (check_only or spread)
     times = time_steps(setup, train_teacher=teacher.checkpoint is None) if timed else None
+    if tuning and distributed.is_main():  # its stages and budget (with --check, their cost too)
+        print(describe_tuning(setup, times))
     units = None
     if spread and not tuning:  # a tuned experiment's runs are known once tuning has chosen: queued then
         units = queue(setup, finished or [], times)
@@ -83,10 +85,8 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
 
 
 def report_check(setup: Setup, plan: Plan) -> None:
-    """--check: the time estimate (the spread's is in its plan), and that nothing was trained."""
-    if distributed.is_main() and setup.config["experiment"]["tune"]:
-        print(describe_tuning(setup, plan.times))
-    elif distributed.is_main() and plan.units is None:
+    """--check: the time estimate (the spread's and the tuning's are in the plan), and that nothing was trained."""
+    if distributed.is_main() and plan.units is None and not setup.config["experiment"]["tune"]:
         print(describe_estimate(estimate_seconds(setup, plan.times), setup))
     print("check passed: data and config are valid; nothing was trained")
 

@@ -106,7 +106,7 @@ def write_results(exp_dir: Path, records: list[RunRecord], summary: dict, final:
         add_tuning_columns(rows, summary["tuning"])
     if not distributed.is_main():
         return rows
-    lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row.get(c)) for c in CSV_COLUMNS) for row in rows]
+    lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
     students = [row for row in rows if row["method"] != TEACHER and row["protocol"] == "common"]
     key = "test_accuracy" if compared_on(records) == "test_accuracy" else "best_accuracy"

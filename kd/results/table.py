@@ -62,7 +62,7 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
                      "teacher_agreement": _mean(m.teacher_agreement for m in metrics),
                      "test_accuracy_std": mean_std([r.test_accuracy for r in results])[1]
                      if all(r.test_accuracy is not None for r in results) else None,
-                     "variant": variant,
+                     "variant": variant, **dict.fromkeys(TUNING_COLUMNS),  # add_tuning_columns fills them
                      "gain_vs_baseline": 0.0 if is_reference and reference else gain,
                      "p_value_vs_baseline": p_value,
                      "params": cost.params, "flops": cost.flops, "latency_ms": cost.latency_ms,

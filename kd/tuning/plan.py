@@ -24,8 +24,13 @@ def check_tuning_runtime(setup: Setup) -> None:
     if storage is None and machines > 1:
         raise UserError("several machines share a study only through a database: set tune.storage to a "
                         "PostgreSQL URL (see README, Tuning)")
-    if storage is not None:
-        open_storage(storage, setup.logs)  # unreachable: one line now, before anything is written
+    if storage is not None:  # unreachable: one line now, before anything is written
+        # rank 0 first: opening a new database creates Optuna's tables, which processes doing it at once fail at
+        if distributed.is_main():
+            open_storage(storage, setup.logs)
+        distributed.barrier()
+        if not distributed.is_main():
+            open_storage(storage, setup.logs)
 
 
 def pruned_epochs(epochs: int, min_epochs: int, reduction: int) -> float:
