@@ -35,6 +35,7 @@ def write_tuning_figures(exp_dir: Path, summary: dict) -> dict[str, str]:
     plots: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "importances will be equal" on a flat study
         for stage, info in summary["tuning"]["studies"].items():
             study = optuna.load_study(study_name=info["study"], storage=storage)
             plots[f"tuning_history_{stage}"] = _save(

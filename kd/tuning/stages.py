@@ -101,7 +101,7 @@ def _run_study(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: 
         log.info("Tuning %s, trial %d of %d: %s -> %s", stage, len(counted_trials(study)), budget,
                  _settings_text(values), f"val {value:.4f}" if value is not None else state.name.lower())
     all_finished(f"tune/{stage}/finished")
-    return chosen_settings(study)
+    return chosen_settings(study) or dict(defaults)  # no trial completed (all diverged): the defaults stand
 
 
 def chosen_settings(study: optuna.Study) -> dict:
