@@ -122,7 +122,8 @@ def _train_trial(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage
 
     def report(entry: dict) -> None:
         trial.report(entry["score"], entry["epoch"])
-        if trial.should_prune():
+        # after the last epoch there is nothing left to save: the trial completes, whatever its rung says
+        if entry["epoch"] < cfg["epochs"] and trial.should_prune():
             raise optuna.TrialPruned()
 
     label = f"{stage}_trial{trial.number}"
