@@ -138,9 +138,9 @@ DEMO_PRESET = {
     "student": {"epochs": 4, "scheduler": "onecycle"},
     "methods": {"AT": {"beta": 140.0}},
     "experiment": {"data_dir": "data/digits", "hflip": False, "image_size": 12},
-    # --demo --tune: about 15 minutes on a 2-core CPU; in 4 epochs the first one (the one-cycle warm-up) says
-    # little, so the pruner first compares trials after 2
-    "tune": {"trials": 4, "final_seeds": 2, "pruner_min_epochs": 2},
+    # --demo --tune: 3 trials a study and 2 final seeds keep it near the plain demo's time; in 4 epochs the
+    # first one (the one-cycle warm-up) says little, so the pruner first compares trials after 2
+    "tune": {"trials": 3, "final_seeds": 2, "pruner_min_epochs": 2},
 }
 
 
