@@ -18,6 +18,7 @@ from kd.engine.checkpoint import atomic_write  # noqa: E402
 from kd.tuning.study import open_storage  # noqa: E402
 
 log = logging.getLogger("kd")
+MIN_COMPLETE = 3  # completed (not pruned) trials a study needs for its importance and settings figures
 
 
 def _save(axes, path: Path) -> str:
@@ -40,11 +41,12 @@ def write_tuning_figures(exp_dir: Path, summary: dict) -> dict[str, str]:
             study = optuna.load_study(study_name=info["study"], storage=storage)
             plots[f"tuning_history_{stage}"] = _save(
                 optuna.visualization.matplotlib.plot_optimization_history(study), exp_dir / f"tuning_history_{stage}.png")
-            try:
-                importances = optuna.importance.get_param_importances(study)
-            except (RuntimeError, ValueError) as err:  # too few completed trials to weigh the settings
-                log.info("No importance figure for %s: %s", stage, err)
+            complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if complete < MIN_COMPLETE:  # importances of fewer are all equal, and a contour is empty
+                log.info("No importance figure for %s: %d completed trial(s), %d needed", stage, complete,
+                         MIN_COMPLETE)
                 continue
+            importances = optuna.importance.get_param_importances(study)
             plots[f"tuning_importance_{stage}"] = _save(
                 optuna.visualization.matplotlib.plot_param_importances(study),
                 exp_dir / f"tuning_importance_{stage}.png")
