@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from kd.rules import is_int, is_number
@@ -45,3 +46,9 @@ class Range:
                 len(value) == 3 and value[2] != "log"):
             raise ValueError("must be [low, high] or [low, high, \"log\"]")
         return cls(value[0], value[1], log=len(value) == 3, integer=integer)
+
+
+def settings_text(values: Mapping[str, Any]) -> str:
+    """Settings as the log and report.md show them: "temperature 4, kd_weight 0.9"."""
+    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in values.items())

@@ -32,7 +32,8 @@ def model_meta(spec: ModelSpec, setup: Setup, stats: InputStats | None = None) -
     mean, std = (list(stats.mean), list(stats.std)) if stats is not None else (data.mean, data.std)
     return {"arch": spec.name, "source": spec.source, "builder": spec.builder, "weights": spec.weights,
             "num_classes": len(data.class_names), "class_names": data.class_names, "image_size": data.image_size,
-            "stem": spec.stem, "mean": mean, "std": std, "data_fingerprint": data.fingerprint, "held_out": data.held_out,
+            "stem": spec.stem, "mean": mean, "std": std, "data_fingerprint": data.fingerprint,
+            "held_out": data.held_out,
             "torch_version": str(torch.__version__)}
 
 

@@ -32,8 +32,16 @@ log = logging.getLogger("kd")
 REUSE_KEYS = ("source", "builder", "weights", "class_names", "image_size", "stem", "held_out")
 
 
+def teacher_prefix(setup: Setup) -> Path:
+    """Where the experiment's teacher is saved, less "_best.pth"/"_final.pth". One trained without a held-out
+    share of train/ (tuning without test/) has files of its own, so neither kind of experiment overwrites, or
+    reuses, the other's teacher."""
+    held_out = "_heldout" if setup.data.held_out else ""
+    return setup.checkpoints / "teachers" / f"{file_tag(setup.config['teacher']['model'])}_teacher{held_out}"
+
+
 def teacher_path(setup: Setup, tag: str = "best") -> Path:
-    return setup.checkpoints / "teachers" / f"{file_tag(setup.config['teacher']['model'])}_teacher_{tag}.pth"
+    return Path(f"{teacher_prefix(setup)}_{tag}.pth")
 
 
 def _sha256(path: str | Path) -> str:
@@ -183,7 +191,7 @@ def obtain_teacher(setup: Setup, source: TeacherSource, folder: ExperimentFolder
         log.info("Training teacher %s for %d epochs", spec.name, cfg["epochs"])
         tag = file_tag(spec.name)
         run_spec = RunSpec(TEACHER, cfg, seed, setup.logs / "teachers" / f"{tag}_Teacher_Final_{folder.stamp}",
-                           setup.checkpoints / "teachers" / f"{tag}_teacher",
+                           teacher_prefix(setup),
                            {**model_meta(spec, setup, setup.teacher_stats), "config": cfg, "epochs": cfg["epochs"],
                             "run": folder.stamp, "start": _start(setup)}, folder.resume_path(TEACHER, seed))
         result, training, _ = fit(plain_training(teacher), setup.data, run_spec, setup.runtime)

@@ -69,5 +69,5 @@ register(Method(
     idea="Zhang et al. (CVPR 2018): two students learn from the labels and from each other, no teacher; the "
          "accuracy is the mean over peers.",
     record_fields={"peer_accuracies": "Peer accuracies (best per peer)"},
-    cost=lambda settings: settings["num_peers"],
-    search_space={"kl_weight": Range(0.1, 10.0, log=True), "temperature": Range(1.0, 8.0)}))  # every peer trains a step per batch
+    cost=lambda settings: settings["num_peers"],  # every peer trains a step per batch
+    search_space={"kl_weight": Range(0.1, 10.0, log=True), "temperature": Range(1.0, 8.0)}))

@@ -17,7 +17,7 @@ import torchvision
 from kd.engine import distributed
 from kd.engine.checkpoint import write_json, write_text
 from kd.errors import UserError
-from kd.results.record import DEFAULT, TEACHER, RunRecord
+from kd.results.record import DEFAULT, TEACHER, RunRecord, run_name
 from kd.results.table import CSV_COLUMNS, add_tuning_columns, aggregate, compared_on, row_label
 
 
@@ -108,15 +108,18 @@ def write_results(exp_dir: Path, records: list[RunRecord], summary: dict, final:
         return rows
     lines = [",".join(CSV_COLUMNS)] + [",".join(_csv_value(row[c]) for c in CSV_COLUMNS) for row in rows]
     write_text(exp_dir / "comparison_results.csv", "\n".join(lines) + "\n")
-    students = [row for row in rows if row["method"] != TEACHER and row["protocol"] == "common"]
-    key = "test_accuracy" if compared_on(records) == "test_accuracy" else "best_accuracy"
+    # a tuned experiment ranks its methods at their chosen settings, on the reporting split
+    students = [row for row in rows if row["method"] != TEACHER and row["protocol"] == "common"
+                and row["variant"] != DEFAULT]
+    key = compared_on(records)
     best = max(students, key=lambda row: row[key])["method"] if students else None
-    failed = [{"method": r.method, "seed": r.seed, "reason": r.reason} for r in records if not r.ok]
+    failed = [{"method": run_name(r.method, r.variant), "seed": r.seed, "reason": r.reason} for r in records
+              if not r.ok]
     summary.update(methods={row_label(row): {"mean": row["best_accuracy"], "std": row["best_accuracy_std"],
                                              "n": row["n_seeds"], "gain_vs_baseline": row["gain_vs_baseline"],
                                              "p_value_vs_baseline": row["p_value_vs_baseline"],
-                                             **({"test_mean": row["test_accuracy"], "test_std": row["test_accuracy_std"],
-                                                 "settings": row.get("settings")} if row.get("variant") else {})}
+                                             **({"test_mean": row["test_accuracy"], "settings": row["settings"],
+                                                 "test_std": row["test_accuracy_std"]} if row["variant"] else {})}
                             for row in rows},
                    best_method=best, failed_runs=failed)
     write_json(exp_dir / "experiment_summary.json", summary)

@@ -8,6 +8,7 @@ from kd.engine.checkpoint import write_text
 from kd.methods import METHODS, REFERENCE
 from kd.results.record import DEFAULT, TEACHER, RunRecord
 from kd.results.table import row_label
+from kd.space import settings_text
 
 SIGNIFICANCE = 0.05
 
@@ -72,11 +73,6 @@ def _values(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _settings(values: dict) -> str:
-    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                     for key, value in values.items())
-
-
 def _test(row: dict) -> str:
     """The test accuracy, with its std over seeds where it is the reported number (a tuned experiment)."""
     std = row.get("test_accuracy_std") if row.get("variant") and row["n_seeds"] > 1 else None
@@ -92,16 +88,18 @@ def tuning_section(rows: list[dict], summary: dict, plots: dict[str, str]) -> li
     selection = (f"a held-out {tuning['held_out']}" if tuning.get("held_out") else "val/")
     reporting = "val/" if tuning.get("held_out") else "test/"
     recipe = ("Stage 1 tuned the common recipe (the student's lr and weight decay) on "
-              f"{REFERENCE}; every method then trained with it ({_settings(tuning['recipe'])}), so the common "
+              f"{REFERENCE}; every method then trained with it ({settings_text(tuning['recipe'])}), so the common "
               "protocol holds." if tuning["recipe_tuned"] else
-              f"Stage 1 was off: every method kept your recipe ({_settings(tuning['recipe'])}).")
+              f"Stage 1 was off: every method kept your recipe ({settings_text(tuning['recipe'])}).")
     lines = ["## Tuning", "",
              f"{recipe} Stage 2 tuned each method's own settings with Optuna: every method got the same "
              f"{tuning['trials_per_study']} trials, the first at its paper defaults, each trial one student on seed "
              f"{tuning['trial_seed']} scored by its best accuracy on the selection split ({selection}); a "
              f"successive-halving pruner stopped poor trials on their per-epoch accuracy"
              f"{'' if tuning['pruner'] != 'none' else ' (here off)'}. Then every method trained at its chosen and "
-             f"at its default settings with fresh seeds ({seeds}), and the accuracies below are on the reporting "
+             f"at its default settings with fresh seeds ({seeds}): \"default\" is a method's paper settings on the "
+             f"common recipe, so its column against \"tuned\" shows what stage 2 changed ({REFERENCE}'s defaults "
+             "are your recipe: its row shows what stage 1 changed). The accuracies below are on the reporting "
              f"split ({reporting}), which tuning never read: a setting chosen on the same split it is reported on "
              "would look better than it is.", "",
              f"| method | default ({reporting}) | tuned ({reporting}) | change | chosen settings | defaults | trials "
@@ -115,8 +113,8 @@ def tuning_section(rows: list[dict], summary: dict, plots: dict[str, str]) -> li
                   if tuned and default and tuned["test_accuracy"] is not None else "")
         label = f"{method} (recipe)" if stage == "recipe" else method
         lines.append(f"| {label} | {_fmt(default['test_accuracy']) if default else ''} | "
-                     f"{_fmt(tuned['test_accuracy']) if tuned else ''} | {change} | {_settings(study['chosen'])} | "
-                     f"{_settings(study['defaults'])} | {study['trials']} | {study['pruned']} | {study['failed']} | "
+                     f"{_fmt(tuned['test_accuracy']) if tuned else ''} | {change} | {settings_text(study['chosen'])} | "
+                     f"{settings_text(study['defaults'])} | {study['trials']} | {study['pruned']} | {study['failed']} | "
                      f"{study['device_hours']:.4f} |")
     lines += ["", f"The pruner ran {tuning['pruner_saved_epochs'] * 100:.0f}% fewer training epochs than the same "
               "trials run to the end would have (tuning_trials.csv lists every trial). A method whose defaults won "
@@ -148,9 +146,11 @@ def write_report_md(exp_dir: Path, rows: list[dict], records: list[RunRecord], s
         if r.get("variant") == DEFAULT:  # the tuning section sets it beside the tuned one
             continue
         runs = [x for x in records if (x.method, x.variant) == (r["method"], r.get("variant", "")) and x.ok]
-        paragraphs.append(f"**{r['method']}** — {_idea(r['method'])} Best val accuracy "
-                          f"{r['best_accuracy']:.4f}" + (f" ± {r['best_accuracy_std']:.4f}" if r["n_seeds"] > 1 else "")
-                          + f" over {r['n_seeds']} seed(s).{_extras(r['method'], runs)} {verdict(r)}".rstrip())
+        accuracy = (f"Test (reporting) accuracy {_test(r)} at its chosen settings, best val accuracy "
+                    f"{r['best_accuracy']:.4f}" if r.get("variant") else f"Best val accuracy {r['best_accuracy']:.4f}"
+                    + (f" ± {r['best_accuracy_std']:.4f}" if r["n_seeds"] > 1 else ""))
+        paragraphs.append(f"**{r['method']}** — {_idea(r['method'])} {accuracy} over {r['n_seeds']} seed(s)."
+                          f"{_extras(r['method'], runs)} {verdict(r)}".rstrip())
     failed = summary.get("failed_runs") or []
     teacher = summary.get("teacher", {})
     lines = [

@@ -80,10 +80,11 @@ def add_tuning_columns(rows: list[dict], tuning: dict) -> None:
         study = by_method.get(row["method"]) or (recipe if row["method"] == REFERENCE else None)
         if not row.get("variant"):
             continue
-        settings = {**tuning["recipe"]}
+        chosen = "chosen" if row["variant"] == TUNED else "defaults"
+        # the reference at its defaults trained with your recipe; every other run with the tuned one
+        settings = {**(recipe[chosen] if recipe and row["method"] == REFERENCE else tuning["recipe"])}
         if row["method"] in by_method:
-            chosen = by_method[row["method"]]["chosen" if row["variant"] == TUNED else "defaults"]
-            settings.update(chosen)
+            settings.update(by_method[row["method"]][chosen])
         row["settings"] = json.dumps(settings, sort_keys=True)
         if row["variant"] == TUNED and study is not None:
             row.update(trials=study["trials"], trials_pruned=study["pruned"], trials_failed=study["failed"],

@@ -46,9 +46,14 @@ def write_tuning_figures(exp_dir: Path, summary: dict) -> dict[str, str]:
                 log.info("No importance figure for %s: %d completed trial(s), %d needed", stage, complete,
                          MIN_COMPLETE)
                 continue
-            importances = optuna.importance.get_param_importances(study)
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # the figure and the top two agree
+            try:
+                importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            except RuntimeError as err:  # every completed trial scored the same: nothing to weigh
+                log.info("No importance figure for %s: %s", stage, err)
+                continue
             plots[f"tuning_importance_{stage}"] = _save(
-                optuna.visualization.matplotlib.plot_param_importances(study),
+                optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator),
                 exp_dir / f"tuning_importance_{stage}.png")
             top = list(importances)[:2]
             draw = optuna.visualization.matplotlib.plot_contour if len(top) == 2 else \

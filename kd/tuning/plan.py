@@ -44,22 +44,22 @@ def pruned_epochs(epochs: int, min_epochs: int, reduction: int) -> float:
     return expected
 
 
-def describe_tuning(setup: Setup, times: StepTimes) -> str:
-    """--check --tune: the stages and their search spaces, the budget and the cost (the plan has said which
-    split plays which role)."""
+def describe_tuning(setup: Setup, times: StepTimes | None) -> str:
+    """The plan's lines on tuning: the stages and their search spaces, the budget and, with timed steps
+    (--check), the cost (the plan has said which split plays which role)."""
     tune_cfg, exp = setup.config["tune"], setup.config["experiment"]
     todo = stages(setup)
     lines = []
     if tune_cfg["recipe"]:
-        lines.append(f"tuning stage 1, the common recipe: {_space(todo[0][2])} on {REFERENCE}; every method "
+        lines.append(f"tuning stage 1, the common recipe: {_space(todo[0].space)} on {REFERENCE}; every method "
                      "then trains with the chosen lr and weight decay (the common protocol holds)")
     else:
         lines.append(f"tuning stage 1 is off (tune.recipe false): every method trains with student.lr "
                      f"{setup.config['student']['lr']} and student.weight_decay {setup.config['student']['weight_decay']}")
     lines.append("tuning stage 2, each method's own settings:")
-    lines += [f"  {method}: {_space(space)}" for stage, method, space, _ in todo if stage != RECIPE]
+    lines += [f"  {stage.method}: {_space(stage.space)}" for stage in todo if stage.name != RECIPE]
     lines += [f"  {method}: nothing to tune" for method in exp["methods"]
-              if method not in {m for _, m, _, _ in todo} and method != REFERENCE]
+              if method not in {stage.method for stage in todo} and method != REFERENCE]
     pruner = ("none" if tune_cfg["pruner"] == "none" else f"successive halving from epoch "
               f"{tune_cfg['pruner_min_epochs']}, 1 in {tune_cfg['pruner_reduction']} trials going on at each rung")
     lines.append(f"budget: {tune_cfg['trials']} trials per study, the defaults first, {len(todo)} studies "
@@ -69,11 +69,12 @@ def describe_tuning(setup: Setup, times: StepTimes) -> str:
                  f"seeds {', '.join(map(str, exp['seeds']))}, never used while tuning")
     if times is not None:
         epochs = setup.config["student"]["epochs"]
-        full = sum(group_seconds(setup, times, [method]) for _, method, _, _ in todo) * tune_cfg["trials"]
+        full = sum(group_seconds(setup, times, [stage.method]) for stage in todo) * tune_cfg["trials"]
         kept = pruned_epochs(epochs, tune_cfg["pruner_min_epochs"], tune_cfg["pruner_reduction"]) / epochs \
             if tune_cfg["pruner"] != "none" else 1.0
-        finals = sum(group_seconds(setup, times, [m]) * (1 if m == REFERENCE else 2) for m in exp["methods"]) \
-            * len(exp["seeds"])
+        # at most: every method twice (tuned and default); the reference once unless the recipe is tuned
+        runs = {m: 1 if m == REFERENCE and not tune_cfg["recipe"] else 2 for m in exp["methods"]}
+        finals = sum(group_seconds(setup, times, [m]) * n for m, n in runs.items()) * len(exp["seeds"])
         teacher = teacher_seconds(setup, times)
         lines.append(f"estimated time: tuning ~{as_minutes(full)} with every trial run to the end, "
                      f"~{as_minutes(full * kept)} if the pruner stops trials as successive halving intends; final "

@@ -23,9 +23,14 @@ TRIAL_COLUMNS = ["method", "stage", "trial", "settings", "seed", "val_per_epoch"
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 
+def stage_number(stage: str) -> int:
+    """1 for the common recipe's study, 2 for a method's own."""
+    return 1 if stage == RECIPE else 2
+
+
 def _row(stage: str, method: str, index: int, trial: FrozenTrial) -> dict[str, Any]:
     scores = [trial.intermediate_values[epoch] for epoch in sorted(trial.intermediate_values)]
-    return {"method": method, "stage": 1 if stage == RECIPE else 2, "trial": index,
+    return {"method": method, "stage": stage_number(stage), "trial": index,
             "settings": json.dumps(trial.params, sort_keys=True), "seed": trial.user_attrs.get("seed"),
             "val_per_epoch": json.dumps(scores), "best_val": max(scores) if scores else None, "epochs": len(scores),
             "state": STATES[trial.state], "seconds": trial.user_attrs.get(SECONDS),
@@ -35,9 +40,9 @@ def _row(stage: str, method: str, index: int, trial: FrozenTrial) -> dict[str, A
 def trial_rows(setup: Setup, folder: ExperimentFolder) -> list[dict[str, Any]]:
     """Every counted trial of the experiment's studies, study by study in the order they ran."""
     rows = []
-    for stage, method, _, _ in stages(setup):
-        study = open_study(setup, folder, stage)
-        rows += [_row(stage, method, index, trial) for index, trial in enumerate(counted_trials(study))]
+    for stage in stages(setup):
+        study = open_study(setup, folder, stage.name)
+        rows += [_row(stage.name, stage.method, index, trial) for index, trial in enumerate(counted_trials(study))]
     return rows
 
 
@@ -53,16 +58,18 @@ def write_trials_csv(setup: Setup, folder: ExperimentFolder) -> list[dict[str, A
 
 def tuning_summary(setup: Setup, folder: ExperimentFolder, tuned: Tuned, rows: list[dict[str, Any]]) -> dict:
     """The summary's "tuning" part, from the trials' rows."""
-    tune_cfg, epochs = setup.config["tune"], setup.common_student["epochs"]
+    tune_cfg = setup.config["tune"]
     studies = {}
-    for stage, method, space, defaults in stages(setup):
-        mine = [row for row in rows if row["method"] == method and row["stage"] == (1 if stage == RECIPE else 2)]
-        chosen = tuned.recipe if stage == RECIPE else tuned.settings[method]
-        studies[stage] = {
-            "method": method, "study": study_name(folder, stage), "space": {key: str(r) for key, r in space.items()},
-            "defaults": defaults, "chosen": chosen, "trials": len(mine),
+    for stage in stages(setup):
+        mine = [row for row in rows if row["method"] == stage.method and row["stage"] == stage_number(stage.name)]
+        epochs = setup.student_settings(stage.method)[1]["epochs"]
+        stopped = [row for row in mine if row["state"] != "failed"]  # a diverged trial's epochs are not the pruner's
+        studies[stage.name] = {
+            "method": stage.method, "study": study_name(folder, stage.name),
+            "space": {key: str(r) for key, r in stage.space.items()}, "defaults": stage.defaults,
+            "chosen": tuned.recipe if stage.name == RECIPE else tuned.settings[stage.method], "trials": len(mine),
             **{state: sum(row["state"] == state for row in mine) for state in STATES.values()},
-            "epochs_run": sum(row["epochs"] for row in mine), "epochs_full": len(mine) * epochs,
+            "epochs_run": sum(row["epochs"] for row in stopped), "epochs_full": len(stopped) * epochs,
             "device_hours": sum(row["seconds"] or 0.0 for row in mine) / 3600}
     run, full = sum(s["epochs_run"] for s in studies.values()), sum(s["epochs_full"] for s in studies.values())
     return {"studies": studies, "recipe": tuned.recipe, "recipe_tuned": tune_cfg["recipe"],

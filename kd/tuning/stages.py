@@ -4,11 +4,10 @@ trials, its first trial at the defaults; a trial trains one student on the trial
 val (selection) accuracy of its epochs, on data without the reporting split."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import TrialState
@@ -22,7 +21,7 @@ from kd.experiment.setup import Setup
 from kd.methods import METHODS, REFERENCE
 from kd.results.files import ExperimentFolder
 from kd.results.record import TUNED
-from kd.space import Range
+from kd.space import Range, settings_text
 from kd.tuning.outcome import Tuned
 from kd.tuning.spaces import RECIPE, recipe_space, search_space
 from kd.tuning.study import (
@@ -40,17 +39,25 @@ log = logging.getLogger("kd")
 SECONDS = "seconds"  # user attribute: a trial's training time
 
 
-def stages(setup: Setup) -> list[tuple[str, str, dict[str, Range], dict[str, Any]]]:
-    """(study name, method trained, search space, defaults) of every study, in the order they run."""
+class Stage(NamedTuple):
+    """One study: its name, the method its trials train, what it searches and the defaults (its first trial)."""
+    name: str
+    method: str
+    space: dict[str, Range]
+    defaults: dict[str, Any]
+
+
+def stages(setup: Setup) -> list[Stage]:
+    """Every study, in the order they run: the recipe's (stage 1), then each method's own (stage 2)."""
     config, tune_cfg = setup.config, setup.config["tune"]
     todo = []
     if tune_cfg["recipe"]:
-        todo.append((RECIPE, REFERENCE, recipe_space(tune_cfg),
-                     {key: config["student"][key] for key in recipe_space(tune_cfg)}))
+        todo.append(Stage(RECIPE, REFERENCE, recipe_space(tune_cfg),
+                          {key: config["student"][key] for key in recipe_space(tune_cfg)}))
     for method in config["experiment"]["methods"]:
         space = search_space(method, METHODS[method], tune_cfg, config["methods"][method])
         if space:
-            todo.append((method, method, space, {key: config["methods"][method][key] for key in space}))
+            todo.append(Stage(method, method, space, {key: config["methods"][method][key] for key in space}))
     return todo
 
 
@@ -69,38 +76,41 @@ def tune(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage_done: C
     called on rank 0 after each study (the trials file is rewritten there)."""
     recipe: dict[str, float] = {}
     chosen: dict[str, dict[str, Any]] = {}
-    for stage, method, space, defaults in stages(setup):
-        trial_setup = (lambda values: setup.with_tuned(Tuned(values, {}))) if stage == RECIPE else (
-            lambda values, method=method: setup.with_tuned(Tuned(recipe, {method: values})))
-        best = _run_study(setup, teacher, folder, stage, method, space, defaults, trial_setup)
-        if stage == RECIPE:
+    for stage in stages(setup):
+        trial_setup = (lambda values: setup.with_tuned(Tuned(values, {}))) if stage.name == RECIPE else (
+            lambda values, method=stage.method, recipe=recipe: setup.with_tuned(Tuned(recipe, {method: values})))
+        best = _run_study(setup, teacher, folder, stage, trial_setup)
+        if stage.name == RECIPE:
             recipe = best
         else:
-            chosen[method] = best
-        log.info("Tuning %s chose %s (defaults %s)", stage, _settings_text(best), _settings_text(defaults))
+            chosen[stage.method] = best
+        log.info("Tuning %s chose %s (defaults %s)", stage.name, _settings_text(best), _settings_text(stage.defaults))
         if distributed.is_main():
             stage_done()
     return Tuned(recipe or {key: setup.config["student"][key] for key in ("lr", "weight_decay")}, chosen)
 
 
-def _run_study(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: str, method: str,
-               space: dict[str, Range], defaults: dict[str, Any], trial_setup: Callable[[dict], Setup]) -> dict:
-    study = open_study(setup, folder, stage) if distributed.is_main() else None
+def _run_study(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: Stage,
+               trial_setup: Callable[[dict], Setup]) -> dict:
+    """One study's trials (this process's share of them); the settings it chose."""
+    space, defaults = stage.space, stage.defaults
+    study = open_study(setup, folder, stage.name) if distributed.is_main() else None
     counted = reopen(study, defaults) if distributed.is_main() else None
     counted = distributed.broadcast_object(counted)
     if study is None:
-        study = open_study(setup, folder, stage)
+        study = open_study(setup, folder, stage.name)
     budget = setup.config["tune"]["trials"]
-    claims = Claims(f"tune/{stage}/taken", budget - counted)
+    claims = Claims(f"tune/{stage.name}/taken", budget - counted)
     while claims.take():
-        reseed(study, setup.config["tune"]["sampler_seed"])
         trial = study.ask()
+        reseed(study, trial, setup.config["tune"]["sampler_seed"], budget)  # before it draws its settings
         values = {name: searched.suggest(trial, name) for name, searched in space.items()}
-        state, value = _train_trial(trial_setup(values), teacher, folder, stage, method, trial)
+        # the defaults always finish (the pruner still records their epochs), so that they can be chosen
+        state, value = _train_trial(trial_setup(values), teacher, folder, stage, trial, prunable=values != defaults)
         study.tell(trial, value, state=state)
-        log.info("Tuning %s, trial %d of %d: %s -> %s", stage, len(counted_trials(study)), budget,
+        log.info("Tuning %s, trial %d of %d: %s -> %s", stage.name, len(counted_trials(study)), budget,
                  _settings_text(values), f"val {value:.4f}" if value is not None else state.name.lower())
-    all_finished(f"tune/{stage}/finished")
+    all_finished(f"tune/{stage.name}/finished")
     return chosen_settings(study) or dict(defaults)  # no trial completed (all diverged): the defaults stand
 
 
@@ -112,22 +122,23 @@ def chosen_settings(study: optuna.Study) -> dict:
     return max(complete, key=lambda trial: (trial.value, -trial.number)).params
 
 
-def _train_trial(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: str, method: str,
-                 trial: optuna.Trial) -> tuple[TrialState, float | None]:
+def _train_trial(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: Stage, trial: optuna.Trial,
+                 prunable: bool) -> tuple[TrialState, float | None]:
     """Train one trial's student, reporting each epoch's val score to the pruner. A run that diverges is a
     failed trial; the study goes on."""
-    seed = setup.config["tune"]["trial_seed"]
+    seed, method = setup.config["tune"]["trial_seed"], stage.method
     settings, cfg, spec = setup.student_settings(method, TUNED)
     trial.set_user_attr("seed", seed)
 
     def report(entry: dict) -> None:
         trial.report(entry["score"], entry["epoch"])
-        # after the last epoch there is nothing left to save: the trial completes, whatever its rung says
-        if entry["epoch"] < cfg["epochs"] and trial.should_prune():
+        # the pruner always hears the epoch (it ranks trials by it); a trial stops only before its last epoch
+        # (after it, nothing is left to save) and never at the defaults, which must finish to be chosen
+        if trial.should_prune() and prunable and entry["epoch"] < cfg["epochs"]:
             raise optuna.TrialPruned()
 
-    label = f"{stage}_trial{trial.number}"
-    run_spec = RunSpec(f"{stage} trial {trial.number}", cfg, seed,
+    label = f"{stage.name}_trial{trial.number}"
+    run_spec = RunSpec(f"{stage.name} trial {trial.number}", cfg, seed,
                        setup.logs / "tuning" / f"{label}_{folder.stamp}", None, {}, after_epoch=report)
     started = time.perf_counter()
     state, value = TrialState.COMPLETE, None
@@ -148,4 +159,4 @@ def _train_trial(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage
 
 
 def _settings_text(values: dict) -> str:
-    return json.dumps({key: float(f"{value:.4g}") for key, value in values.items()}) if values else "{}"
+    return "{" + settings_text(values) + "}"

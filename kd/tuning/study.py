@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from kd.engine import distributed
@@ -43,8 +44,17 @@ def open_storage(url: str | None, journal: Path) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors alike: say why, in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise UserError(f"cannot reach tune.storage '{url}' ({reason[:200]}): start the database, fix the URL, "
+        shown = _without_password(url)
+        raise UserError(f"cannot reach tune.storage '{shown}' ({reason[:200]}): start the database, fix the URL, "
                         "or set tune.storage to null (a journal file in the experiment folder)") from None
+
+
+def _without_password(url: str) -> str:
+    """The URL as an error message may show it."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:  # not a URL at all: nothing to hide
+        return url
 
 
 class _CountedTrialsOnly(optuna.Study):
@@ -75,10 +85,13 @@ def make_pruner(tune_cfg: dict) -> optuna.pruners.BasePruner:
     return CountedPruner(tune_cfg["pruner_min_epochs"], tune_cfg["pruner_reduction"])
 
 
-def reseed(study: optuna.Study, seed: int) -> None:
-    """A sampler seeded by the number of trials counted so far: the next trial's settings follow from the
-    study's history alone, so a resumed study draws what an uninterrupted one would."""
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(counted_trials(study)))
+def reseed(study: optuna.Study, trial: optuna.Trial, seed: int, trials: int) -> None:
+    """Give the trial just asked for a sampler seeded by its place among the study's trials, interrupted ones
+    not counted: each trial draws with its own seed, also when several processes ask at once, and a resumed
+    study draws what an uninterrupted one would. TPE models the results after half the budget (random before)."""
+    place = sum(1 for other in study.get_trials(deepcopy=False)
+                if other.number < trial.number and (other.state != TrialState.FAIL or counts(other)))
+    study.sampler = optuna.samplers.TPESampler(seed=seed + place, n_startup_trials=max(1, trials // 2))
 
 
 def reopen(study: optuna.Study, first: dict | None) -> int:
