@@ -33,10 +33,10 @@ TRACE_TRIALS = """
 import os
 from kd.tuning import stages
 original = stages._train_trial
-def _train_trial(setup, teacher, folder, stage, method, trial):
+def _train_trial(setup, teacher, folder, stage, trial, **options):
     with open(f"trained_by_rank{os.environ['RANK']}", "a") as out:
-        out.write(f"{stage} {trial.number}\\n")
-    return original(setup, teacher, folder, stage, method, trial)
+        out.write(f"{stage.name} {trial.number}\\n")
+    return original(setup, teacher, folder, stage, trial, **options)
 stages._train_trial = _train_trial
 """
 

@@ -18,7 +18,7 @@ from kd.methods.registry import Method, Registry
 from kd.rules import POSITIVE
 from kd.space import Range
 from kd.tuning.plan import pruned_epochs
-from kd.tuning.study import FAILURE, counted_trials, reopen
+from kd.tuning.study import FAILURE, counted_trials, reopen, reseed
 
 
 def test_ranges_that_cannot_be_searched_are_named():
@@ -106,3 +106,15 @@ def test_seeds_with_tune_is_refused(capsys, tmp_path):
     code = run_experiment.cli(["--demo", "--tune", "--seeds", "0,1", "--check"])
     err = capsys.readouterr().err
     assert code == 2 and "--seeds does not apply with --tune" in err and not Path("logs").exists()
+
+
+def test_trials_asked_at_once_draw_with_their_own_seeds(tmp_path):
+    """Two processes that ask before either finishes must not draw the same settings."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    drawn = []
+    for _ in range(3):  # none is told: all RUNNING, as when processes ask at once
+        trial = study.ask()
+        reseed(study, trial, seed=0, trials=8)
+        drawn.append(trial.suggest_float("x", 0.0, 1.0))
+    assert len(set(drawn)) == 3
