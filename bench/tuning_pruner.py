@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import final  # noqa: E402
 from kd.tuning import stages  # noqa: E402
 from kd.data.digits import export_digits_demo  # noqa: E402
-from kd.tuning.study import counted_trials  # noqa: E402
 
 
 def run(config: dict) -> tuple[Path, float]:
@@ -38,15 +37,20 @@ def trials(folder: Path) -> list[dict]:
 
 
 def replaying(rows: list[dict]) -> None:
-    """Make the next experiment's studies ask for `rows`' settings, study by study, in their order."""
+    """Make the next experiment's studies run `rows`' settings, study by study, in their order: each new study
+    gets them all queued up front (Optuna's enqueue_trial), instead of its defaults alone."""
     by_study: dict[str, list[dict]] = {}
     for row in rows:
         stage = "recipe" if row["stage"] == "1" else row["method"]
         by_study.setdefault(stage, []).append(json.loads(row["settings"]))
     original_reopen = stages.reopen
-    stages.reopen = lambda study, first: original_reopen(study, None)  # the replayed trial 0 is the default
-    stages.reseed = lambda study, seed: study.enqueue_trial(
-        by_study[study.study_name.rsplit("/", 1)[1]][len(counted_trials(study))])
+
+    def reopen(study, first):
+        counted = original_reopen(study, None)
+        for settings in by_study[study.study_name.rsplit("/", 1)[1]]:
+            study.enqueue_trial(settings)
+        return counted
+    stages.reopen = reopen
 
 
 def main() -> None:
