@@ -82,7 +82,8 @@ METHODS_CONFIG = {
 }
 
 EXPERIMENT_CONFIG = {
-    "data_dir": "data",           # data/train/<class>/*, data/val/<class>/*, optional data/test/<class>/*
+    "data_dir": "data",           # data/train/<class>/*, data/val/<class>/*, optional data/test/<class>/*; or
+                                  # cifar100:DIR / cifar10:DIR (torchvision's files, downloaded there if online)
     "methods": ["Baseline", "KD", "AT", "FitNets", "DML", "BYOT"],
     "seeds": [0],
     "device": "auto",             # auto | cpu | cuda | cuda:N | mps
@@ -101,6 +102,7 @@ EXPERIMENT_CONFIG = {
                                   # runs per process, from a queue; see README, "Performance")
     "tune": False,                # tune the recipe, then every method's settings, on the selection split
                                   # (TUNE_CONFIG below, README "Tuning"); seeds then come from tune.final_seeds
+    "cifar_val_images": 5000,     # CIFAR: training images held out (stratified, seed 0) as val; test/ reports
 }
 
 # `--tune` (README, "Tuning"): every method gets the same number of Optuna trials, scored on the selection

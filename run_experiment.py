@@ -91,9 +91,10 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
     from kd.experiment.config import apply_overrides
 
     config = copy.deepcopy(base) if base is not None else final.default_config(demo=args.demo)
-    if base is not None:  # an experiment started before tuning existed: it did not tune
+    if base is not None:  # an experiment started before tuning and CIFAR existed: it had neither
         config.setdefault("tune", final.default_config()["tune"])
         config["experiment"].setdefault("tune", False)
+        config["experiment"].setdefault("cifar_val_images", final.EXPERIMENT_CONFIG["cifar_val_images"])
     apply_overrides(config, args.set)
     if args.seeds and (args.tune or config["experiment"]["tune"]):
         raise UserError("--seeds does not apply with --tune: trials train on tune.trial_seed and the final runs on "

@@ -13,7 +13,7 @@ from kd.data.batches import ImageData, Split
 from kd.data.decode import AUTO_SIZE_RANGE, auto_image_size, decode, load_rgb
 from kd.data.digits import export_digits_demo
 from kd.data.folder import scan_dataset
-from kd.data.load import _channel_stats, load_image_data
+from kd.data.load import channel_stats, load_image_data
 from kd.engine import distributed
 from kd.engine.run import tensor_digest
 from kd.errors import UserError
@@ -340,7 +340,7 @@ def test_channel_stats_describe_the_whole_class_ordered_split(streamed):
     labels = torch.cat([torch.zeros(2500, dtype=torch.long), torch.ones(2500, dtype=torch.long)])
     split = (Split(files=list(zip(images, labels.tolist())), labels=labels) if streamed
              else Split(files=None, labels=labels, images=images))
-    mean, std = _channel_stats(split)
+    mean, std = channel_stats(split)
     # half the pixels are 0, half are 1: mean 0.5, std 0.5 (not the first class's 0 and the 1e-3 clamp)
     assert mean == pytest.approx([0.5] * 3, abs=1e-3)
     assert std == pytest.approx([0.5] * 3, abs=1e-3)

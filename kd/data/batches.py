@@ -59,6 +59,7 @@ class ImageData:
     fingerprint: str
     num_workers: int = 0
     held_out: str | None = None  # when tuning without test/: which share of train/ selects (kd/data/holdout.py)
+    official: bool | None = None  # CIFAR (kd/data/cifar.py): whether the files are the official ones
     counts: dict[str, int] = field(default_factory=dict)
     _normalization: dict = field(default_factory=dict, init=False, repr=False)  # device -> (mean, std)
 

@@ -45,7 +45,7 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
         splits[name] = Split(DecodedFiles(samples, size), labels, images)
     if bad:
         log.warning("skipped %d unreadable image(s) (--skip-bad-images)", bad)
-    mean, std = _channel_stats(splits["train"])
+    mean, std = channel_stats(splits["train"])
     ignored = sum(f.ignored for f in files.values())
     if ignored:
         log.info("ignored %d hidden or non-image file(s) under %s", ignored, root)
@@ -53,7 +53,7 @@ def load_image_data(root: str | Path, image_size: int | str = "auto", hflip: boo
                      fingerprint(root, files), num_workers if not fits else 0)
 
 
-def _channel_stats(train: Split, max_streamed: int = 2000, chunk_values: int = 2**22
+def channel_stats(train: Split, max_streamed: int = 2000, chunk_values: int = 2**22
                    ) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the training images: all of them when decoded in memory, an even sample
     of about `max_streamed` across the split when streamed (decoding them all would take a pass).

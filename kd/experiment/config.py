@@ -79,6 +79,7 @@ _EXPERIMENT_RULES: dict[str, Rule] = {
     "share_teacher": BOOL,
     "parallel": Rule("data or runs", lambda v: v in ("data", "runs")),
     "tune": BOOL,
+    "cifar_val_images": POSITIVE_INT,
 }
 _LOG_RANGE = Rule("[low, high] with 0 < low < high", lambda v: isinstance(v, list) and len(v) == 2
                   and all(is_number(x) for x in v) and 0 < v[0] < v[1])

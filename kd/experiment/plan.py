@@ -52,8 +52,8 @@ def describe_plan(setup: Setup) -> str:
         f"{student_cfg['epochs']} epochs, methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
         *student_lines,
     ]
-    if exp["tune"]:
-        lines.append(split_roles(data, tuning=True))
+    if exp["tune"] or data.official is not None:
+        lines.append(split_roles(data, tuning=exp["tune"]))
     if teacher_stages and student_stages:
         how = "stage by stage" if len(teacher_stages) == len(student_stages) else "by stride"
         pairs = ", ".join(f"{student_stages[i].module}<-{teacher_stages[j].module}"

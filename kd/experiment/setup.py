@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from kd.data.batches import ImageData
+from kd.data.cifar import cifar_name, load_cifar
 from kd.data.holdout import hold_out
 from kd.data.load import load_image_data
 from kd.engine import distributed
@@ -140,8 +141,11 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     image_size = exp["image_size"]
     if image_size == "auto" and expected is not None and expected.size:
         image_size = expected.size
-    data = load_image_data(exp["data_dir"], image_size, exp["hflip"], exp["cache_max_gb"],
-                           exp["num_workers"], exp["skip_bad_images"], decode_all)
+    if cifar_name(exp["data_dir"]):
+        data = load_cifar(exp["data_dir"], image_size, exp["hflip"], exp["cifar_val_images"])
+    else:
+        data = load_image_data(exp["data_dir"], image_size, exp["hflip"], exp["cache_max_gb"],
+                               exp["num_workers"], exp["skip_bad_images"], decode_all)
     if exp["tune"] and "test" not in data.splits:  # a share of train/ selects, so that val/ can report
         data = hold_out(data, config["tune"]["holdout_fraction"], config["tune"]["holdout_seed"])
     processes = 1 if distributed.spreads_runs() else distributed.world_size()  # processes sharing a run

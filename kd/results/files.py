@@ -80,7 +80,8 @@ def experiment_summary(setup, folder: ExperimentFolder) -> dict:
             "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
                      "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
-                     "skipped_images": data.bad_images, "normalization": setup.normalization},
+                     "skipped_images": data.bad_images, "normalization": setup.normalization,
+                     **({"official_files": data.official} if data.official is not None else {})},
             "models": {role: {"name": spec.name, "source": spec.source, "builder": spec.builder,
                               "weights": spec.weights, "stem": spec.stem}
                        for role, spec in (("teacher", setup.teacher_spec), ("student", setup.student_spec))}}
