@@ -3,6 +3,7 @@ test set reporting; a file in the same format that is not the official one is re
 without the files is one line and exit 2."""
 from __future__ import annotations
 
+import csv
 import json
 import pickle
 import urllib.error
@@ -61,6 +62,10 @@ def test_a_run_on_the_file_records_that_it_is_not_the_official_one(tmp_path, cap
     records = json.loads((folder / "comparison_results.json").read_text())
     assert [r["method"] for r in records] == ["Teacher", "Baseline", "KD"] and all(r["status"] == "ok" for r in records)
     assert all(r["test_accuracy"] is not None for r in records)  # the official test set reports
+    with open(folder / "comparison_results.csv", encoding="utf-8") as file:  # and the last epoch's, labelled
+        rows = {row["method"]: row for row in csv.DictReader(file)}
+    kd = next(r for r in records if r["method"] == "KD")
+    assert float(rows["KD"]["final_test_accuracy"]) == pytest.approx(kd["final_test_accuracy"])
 
 
 def test_offline_without_the_files_is_one_line(tmp_path, capsys, monkeypatch):

@@ -16,7 +16,7 @@ MEAN_COLUMNS = ["final_accuracy", "test_accuracy", "top5_accuracy", "nll", "ece"
 TUNING_COLUMNS = ["settings", "trials", "trials_pruned", "trials_failed", "tuning_device_hours"]
 CSV_COLUMNS = TABLE_COLUMNS + ["best_accuracy_std", "n_seeds", *MEAN_COLUMNS, "gain_vs_baseline",
                                "p_value_vs_baseline", "params", "flops", "latency_ms", "images_per_s", "variant",
-                               "test_accuracy_std", *TUNING_COLUMNS]
+                               "test_accuracy_std", "final_test_accuracy", *TUNING_COLUMNS]
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -57,6 +57,8 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
                      "epochs": results[0].epochs, "best_accuracy_std": std, "n_seeds": len(runs),
                      "final_accuracy": _mean(result.final_accuracy for result in results),
                      "test_accuracy": _mean(result.test_accuracy for result in results),
+                     # the last epoch's, as the tables that report the last test epoch do
+                     "final_test_accuracy": _mean(log.final_test_accuracy for log in logs),
                      "top5_accuracy": _mean(m.top5_accuracy for m in metrics),
                      "nll": _mean(m.nll for m in metrics), "ece": _mean(m.ece for m in metrics),
                      "teacher_agreement": _mean(m.teacher_agreement for m in metrics),
