@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
     sys.path.insert(0, str(REPO))
 
@@ -112,6 +114,19 @@ def _isolated_cwd(tmp_path, monkeypatch):
     for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(handler)
         handler.close()
+
+
+def in_one_thread(call: Callable[[], T], cwd: Path) -> T:
+    """call() in this process, in `cwd`, with one intra-op thread, as the subprocesses run (OMP_NUM_THREADS=1):
+    the same floating-point order, without a second start of Python and torch."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(cwd)
+            torch.set_num_threads(1)
+            return call()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

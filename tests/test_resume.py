@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import run_experiment
+from conftest import in_one_thread
 from kd.engine import run, runtime
 from kd.engine.checkpoint import load_state
 
@@ -51,16 +51,7 @@ def _start(argv: list[str], cwd: Path, driver: str | None = None) -> subprocess.
 
 
 def _cli_one_thread(argv: list[str], cwd: Path) -> int:
-    """run_experiment.cli in this process with one intra-op thread, as the subprocesses run (OMP_NUM_THREADS=1):
-    the same floating-point order, without a second start of Python and torch."""
-    threads = torch.get_num_threads()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(cwd)
-            torch.set_num_threads(1)
-            return run_experiment.cli(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return in_one_thread(lambda: run_experiment.cli(argv), cwd)
 
 
 def _signal_when_state_exists(argv: list[str], base: Path, run: str, signum: int = signal.SIGKILL,

@@ -23,6 +23,7 @@ from PIL import Image
 
 import final
 import run_experiment
+from conftest import in_one_thread
 from kd.data.holdout import hold_out, split_roles, without_reporting
 from kd.data.load import load_image_data
 from kd.methods import METHODS
@@ -59,26 +60,11 @@ def _config(base: Path, data: Path, methods=("Baseline", "KD"), **tune) -> dict:
 
 
 def _main_one_thread(config: dict, cwd: Path) -> list[dict]:
-    """final.main in this process with one intra-op thread (as the subprocesses run with OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(cwd)
-            torch.set_num_threads(1)
-            return final.main(config)
-    finally:
-        torch.set_num_threads(threads)
+    return in_one_thread(lambda: final.main(config), cwd)
 
 
 def _cli_one_thread(argv: list[str], cwd: Path) -> int:
-    threads = torch.get_num_threads()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(cwd)
-            torch.set_num_threads(1)
-            return run_experiment.cli(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return in_one_thread(lambda: run_experiment.cli(argv), cwd)
 
 
 def _spied(function, *args) -> tuple[object, list[dict]]:
