@@ -17,7 +17,7 @@ from kd.experiment.plan import describe_plan, groups_to_train
 from kd.experiment.resume import first_difference, kept_precision
 from kd.experiment.runs import Teacher, run_methods
 from kd.experiment.setup import Setup
-from kd.experiment.sweep import Unit, describe_spread, device_text, queue, stop_on_sigterm, train_spread
+from kd.experiment.sweep import Unit, queue_described, stop_on_sigterm, train_spread
 from kd.experiment.teacher import TeacherSource, find_teacher, obtain_teacher
 from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_records, write_results
 from kd.results.record import TEACHER, RunRecord, run_name
@@ -77,10 +77,9 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
         print(describe_tuning(setup, times))
     units = None
     if spread and not tuning:  # a tuned experiment's runs are known once tuning has chosen: queued then
-        units = queue(setup, finished or [], times)
-        devices = distributed.gather_objects(device_text(setup.runtime.device))
-        if distributed.is_main():  # also when training: the queue and its estimate are part of the plan
-            print(describe_spread(setup, units, times, devices))
+        units, described = queue_described(setup, finished or [], times)
+        if described:  # also when training: the queue and its estimate are part of the plan
+            print(described)
     return Plan(teacher, times, units)
 
 
@@ -122,10 +121,10 @@ class Progress:
         write_records(self.folder.path, self.records)
         write_results(self.folder.path, self.records, self.summary)
 
-    def tuned(self, tuned: Tuned) -> None:
-        """Tuning chose: the runs from here on train in its variants, and the summary tells what it did."""
+    def tuned(self, tuned: Tuned, rows: list[dict]) -> None:
+        """Tuning chose: the runs from here on train in its variants, and the summary tells what it did (from
+        the trials' `rows`, which rank 0 has)."""
         self.setup = self.setup.with_tuned(tuned)
-        rows = write_trials_csv(self.setup, self.folder) if distributed.is_main() else []
         self.summary["tuning"] = tuning_summary(self.setup, self.folder, tuned, rows)
         self.save()
 
@@ -191,7 +190,14 @@ def train(progress: Progress, plan: Plan) -> None:
 def _tune(progress: Progress, teacher: Teacher) -> Setup:
     """Both tuning stages (finished studies are read back on resume); the setup of the final runs."""
     setup, folder = progress.setup, progress.folder
-    progress.tuned(tune(setup, teacher, folder, stage_done=lambda: write_trials_csv(setup, folder)))
+    rows: list[dict] = []
+
+    def stage_done() -> None:  # rank 0 rewrites tuning_trials.csv after every study; the last one's rows stay
+        rows[:] = write_trials_csv(setup, folder)
+    tuned = tune(setup, teacher, folder, stage_done)
+    if distributed.is_main() and not rows:  # no study ran: the file still says so, with its header alone
+        stage_done()
+    progress.tuned(tuned, rows)
     return progress.setup
 
 

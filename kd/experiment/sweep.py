@@ -75,6 +75,13 @@ def queue(setup: Setup, records: list[RunRecord], times: StepTimes | None) -> li
     return distributed.broadcast_object(units)
 
 
+def queue_described(setup: Setup, records: list[RunRecord], times: StepTimes | None) -> tuple[list[Unit], str]:
+    """`queue`, and on rank 0 the plan's lines on how it spreads over the processes' devices ("" elsewhere)."""
+    units = queue(setup, records, times)
+    devices = distributed.gather_objects(device_text(setup.runtime.device))
+    return units, describe_spread(setup, units, times, devices) if distributed.is_main() else ""
+
+
 def describe_spread(setup: Setup, units: list[Unit], times: StepTimes, devices: list[str]) -> str:
     """--check's lines on how the runs will be spread: processes, devices, the queue, the wall time."""
     with distributed.alone():
@@ -200,10 +207,9 @@ def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit] |
         teacher = _receive_teacher(setup, store)
     if tune_first is not None:
         setup = tune_first(teacher)
-        units = queue(setup, finished or [], times)
-        devices = distributed.gather_objects(device_text(setup.runtime.device))
-        if rank == 0:
-            log.info("%s", describe_spread(setup, units, times, devices))
+        units, described = queue_described(setup, finished or [], times)
+        if described:
+            log.info("%s", described)
     arrived: set[int] = set()
 
     def collect(wait: bool) -> None:

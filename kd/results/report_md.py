@@ -114,7 +114,8 @@ def tuning_section(rows: list[dict], summary: dict, plots: dict[str, str]) -> li
         label = f"{method} (recipe)" if stage == "recipe" else method
         lines.append(f"| {label} | {_fmt(default['test_accuracy']) if default else ''} | "
                      f"{_fmt(tuned['test_accuracy']) if tuned else ''} | {change} | {settings_text(study['chosen'])} | "
-                     f"{settings_text(study['defaults'])} | {study['trials']} | {study['pruned']} | {study['failed']} | "
+                     f"{settings_text(study['defaults'])} | {study['trials']} | {study['pruned']} | "
+                     f"{study['failed']} | "
                      f"{study['device_hours']:.4f} |")
     lines += ["", f"The pruner ran {tuning['pruner_saved_epochs'] * 100:.0f}% fewer training epochs than the same "
               "trials run to the end would have (tuning_trials.csv lists every trial). A method whose defaults won "

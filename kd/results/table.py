@@ -79,9 +79,9 @@ def add_tuning_columns(rows: list[dict], tuning: dict) -> None:
     by_method = {study["method"]: study for stage, study in studies.items() if stage == study["method"]}
     recipe = next((study for stage, study in studies.items() if stage != study["method"]), None)  # stage 1's
     for row in rows:
-        study = by_method.get(row["method"]) or (recipe if row["method"] == REFERENCE else None)
         if not row.get("variant"):
             continue
+        study = by_method.get(row["method"]) or (recipe if row["method"] == REFERENCE else None)
         chosen = "chosen" if row["variant"] == TUNED else "defaults"
         # the reference at its defaults trained with your recipe; every other run with the tuned one
         settings = {**(recipe[chosen] if recipe and row["method"] == REFERENCE else tuning["recipe"])}

@@ -39,8 +39,8 @@ def write_tuning_figures(exp_dir: Path, summary: dict) -> dict[str, str]:
         warnings.simplefilter("ignore", UserWarning)  # e.g. "importances will be equal" on a flat study
         for stage, info in summary["tuning"]["studies"].items():
             study = optuna.load_study(study_name=info["study"], storage=storage)
-            plots[f"tuning_history_{stage}"] = _save(
-                optuna.visualization.matplotlib.plot_optimization_history(study), exp_dir / f"tuning_history_{stage}.png")
+            history = optuna.visualization.matplotlib.plot_optimization_history(study)
+            plots[f"tuning_history_{stage}"] = _save(history, exp_dir / f"tuning_history_{stage}.png")
             complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
             if complete < MIN_COMPLETE:  # importances of fewer are all equal, and a contour is empty
                 log.info("No importance figure for %s: %d completed trial(s), %d needed", stage, complete,

@@ -55,7 +55,8 @@ def describe_tuning(setup: Setup, times: StepTimes | None) -> str:
                      "then trains with the chosen lr and weight decay (the common protocol holds)")
     else:
         lines.append(f"tuning stage 1 is off (tune.recipe false): every method trains with student.lr "
-                     f"{setup.config['student']['lr']} and student.weight_decay {setup.config['student']['weight_decay']}")
+                     f"{setup.config['student']['lr']} and student.weight_decay "
+                     f"{setup.config['student']['weight_decay']}")
     lines.append("tuning stage 2, each method's own settings:")
     lines += [f"  {stage.method}: {_space(stage.space)}" for stage in todo if stage.name != RECIPE]
     lines += [f"  {method}: nothing to tune" for method in exp["methods"]

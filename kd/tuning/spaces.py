@@ -13,6 +13,11 @@ from kd.space import Range
 RECIPE = "recipe"  # the name of stage 1's study, and its rows in tuning_trials.csv
 
 
+def user_recipe(config: dict) -> dict[str, float]:
+    """The student's own lr and weight decay: stage 1's first trial, and the recipe when stage 1 is off."""
+    return {key: config["student"][key] for key in recipe_space(config["tune"])}
+
+
 def recipe_space(tune_cfg: dict) -> dict[str, Range]:
     """Stage 1: the student's lr and weight decay, on a log scale."""
     return {"lr": Range(*tune_cfg["lr_range"], log=True),
@@ -55,7 +60,8 @@ def check_tuning(config: dict, registry: Mapping[str, Method]) -> None:
         for key, searched in recipe_space(tune_cfg).items():
             if not searched.low <= config["student"][key] <= searched.high:
                 raise UserError(f"student.{key} {config['student'][key]} lies outside tune.{key}_range "
-                                f"{tune_cfg[key + '_range']}, but your recipe is stage 1's first trial: widen the range")
+                                f"{tune_cfg[key + '_range']}, but your recipe is stage 1's first trial: widen the "
+                                "range")
     if REFERENCE not in config["experiment"]["methods"]:
         raise UserError(f"--tune compares every method with the tuned {REFERENCE}: add {REFERENCE} to --methods")
 

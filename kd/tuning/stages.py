@@ -23,7 +23,7 @@ from kd.results.files import ExperimentFolder
 from kd.results.record import TUNED
 from kd.space import Range, settings_text
 from kd.tuning.outcome import Tuned
-from kd.tuning.spaces import RECIPE, recipe_space, search_space
+from kd.tuning.spaces import RECIPE, recipe_space, search_space, user_recipe
 from kd.tuning.study import (
     FAILURE,
     Claims,
@@ -52,8 +52,7 @@ def stages(setup: Setup) -> list[Stage]:
     config, tune_cfg = setup.config, setup.config["tune"]
     todo = []
     if tune_cfg["recipe"]:
-        todo.append(Stage(RECIPE, REFERENCE, recipe_space(tune_cfg),
-                          {key: config["student"][key] for key in recipe_space(tune_cfg)}))
+        todo.append(Stage(RECIPE, REFERENCE, recipe_space(tune_cfg), user_recipe(config)))
     for method in config["experiment"]["methods"]:
         space = search_space(method, METHODS[method], tune_cfg, config["methods"][method])
         if space:
@@ -84,10 +83,11 @@ def tune(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage_done: C
             recipe = best
         else:
             chosen[stage.method] = best
-        log.info("Tuning %s chose %s (defaults %s)", stage.name, _settings_text(best), _settings_text(stage.defaults))
+        log.info("Tuning %s chose %s (defaults %s)", stage.name, _settings_text(best),
+                 _settings_text(stage.defaults))
         if distributed.is_main():
             stage_done()
-    return Tuned(recipe or {key: setup.config["student"][key] for key in ("lr", "weight_decay")}, chosen)
+    return Tuned(recipe or user_recipe(setup.config), chosen)
 
 
 def _run_study(setup: Setup, teacher: Teacher, folder: ExperimentFolder, stage: Stage,

@@ -7,6 +7,7 @@ queues its settings again, so that `--resume` runs it once more and no trial is 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [trial for trial in study.get_trials(deepcopy=False) if counts(trial)]
 
 
+@functools.cache  # one storage per process for all studies: opening replays a journal, or starts an engine
 def open_storage(url: str | None, journal: Path) -> optuna.storages.BaseStorage:
     """Optuna's journal file `journal` (safe for several processes on one machine), or the database at `url`
     (any RDB URL Optuna takes, such as PostgreSQL's, for several machines)."""
