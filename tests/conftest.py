@@ -116,6 +116,14 @@ def _isolated_cwd(tmp_path, monkeypatch):
         handler.close()
 
 
+@pytest.fixture
+def kd_log(caplog, monkeypatch) -> pytest.LogCaptureFixture:
+    """caplog for the project's "kd" logger, whatever ran before: final.main turns its propagation off for its
+    own console, so an earlier in-process run would otherwise hide the records from caplog."""
+    monkeypatch.setattr(logging.getLogger("kd"), "propagate", True)
+    return caplog
+
+
 def in_one_thread(call: Callable[[], T], cwd: Path) -> T:
     """call() in this process, in `cwd`, with one intra-op thread, as the subprocesses run (OMP_NUM_THREADS=1):
     the same floating-point order, without a second start of Python and torch."""

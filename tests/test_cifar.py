@@ -40,12 +40,12 @@ def test_names():
     assert cifar_name("data/digits") is None and cifar_name("c:/images") is None
 
 
-def test_val_is_a_stratified_share_of_the_training_set_and_test_is_the_test_set(tmp_path, caplog):
+def test_val_is_a_stratified_share_of_the_training_set_and_test_is_the_test_set(tmp_path, kd_log):
     data = load_cifar(f"cifar100:{write_cifar100(tmp_path)}", "auto", True, val_images=8)
     assert data.counts == {"train": 40, "val": 8, "test": 12} and data.class_names == CLASSES
     assert [int((data.splits["val"].labels == k).sum()) for k in range(4)] == [2, 2, 2, 2]
     assert data.image_size == 32 and data.splits["train"].images.shape[1:] == (3, 32, 32)
-    assert data.official is False and "not the official cifar100" in caplog.text
+    assert data.official is False and "not the official cifar100" in kd_log.text
 
 
 def test_a_run_on_the_file_records_that_it_is_not_the_official_one(tmp_path, capsys):

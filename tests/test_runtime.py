@@ -1,7 +1,6 @@
 """Device and precision decisions, and evaluation that scores the saved checkpoint whatever the precision."""
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -41,13 +40,12 @@ def test_auto_precision_on_a_cpu_counts_native_bf16_only(monkeypatch, flags, exp
     assert resolve_precision("auto", torch.device("cpu")) == expected
 
 
-def test_explicit_precisions_and_emulated_bf16_warning(monkeypatch, caplog):
-    monkeypatch.setattr(logging.getLogger("kd"), "propagate", True)  # final.main turns it off for its console
+def test_explicit_precisions_and_emulated_bf16_warning(monkeypatch, kd_log):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert resolve_precision("bf16", CUDA0) == "bf16"  # asked for: kept, with a warning
-    assert "only emulates bf16" in caplog.text
+    assert "only emulates bf16" in kd_log.text
 
 
 def test_evaluation_scores_the_checkpoint_in_float32(tmp_path, make_image_folder):
