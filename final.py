@@ -103,6 +103,9 @@ EXPERIMENT_CONFIG = {
     "tune": False,                # tune the recipe, then every method's settings, on the selection split
                                   # (TUNE_CONFIG below, README "Tuning"); seeds then come from tune.final_seeds
     "cifar_val_images": 5000,     # CIFAR: training images held out (stratified, seed 0) as val; test/ reports
+    "preset": None,               # "cifar100" under --preset cifar100: the plan then shows the pair's settings
+    "compile": "auto",            # torch.compile the models' steps (CUDA graphs on a GPU); auto: where measured
+                                  # to gain (nowhere yet, see bench/RESULTS.md)
 }
 
 # `--tune` (README, "Tuning"): every method gets the same number of Optuna trials, scored on the selection
@@ -146,19 +149,40 @@ DEMO_PRESET = {
 }
 
 
+# `--preset cifar100`: the recipe of the published CIFAR-100 tables (RepDistiller's train_student.py, mdistiller's
+# configs/cifar100/*.yaml): SGD at lr 0.05 (0.01 for MobileNetV2 and ShuffleNet, kd/experiment/presets.py),
+# momentum 0.9, weight decay 5e-4, batch 64, 240 epochs with lr x 0.1 at 150, 180 and 210; random crop 32 with
+# padding 4 and flips (this project's augmentation at 32 px). The methods' defaults above are the tables' for
+# resnet32x4 -> resnet8x4; other pairs get the tables' own settings where you leave them unset.
+_CIFAR_RECIPE = {"epochs": 240, "lr": 0.05, "batch_size": 64, "momentum": 0.9, "weight_decay": 5e-4,
+                 "scheduler": "step", "step_size": [150, 180, 210], "gamma": 0.1, "warmup_epochs": 0,
+                 "zero_init_residual": False}
+CIFAR100_PRESET = {
+    "teacher": {"model": "resnet32x4", **_CIFAR_RECIPE},
+    "student": {"model": "resnet8x4", **_CIFAR_RECIPE},
+    "experiment": {"data_dir": "cifar100:data/cifar100", "image_size": 32, "hflip": True, "seeds": [0, 1, 2],
+                   "methods": ["Baseline", "KD", "AT", "FitNets", "CRD", "ReviewKD", "DKD", "DIST", "KD_LS", "DKD_LS"],
+                   "preset": "cifar100"},
+}
+PRESETS = {"demo": DEMO_PRESET, "cifar100": CIFAR100_PRESET}
 
-def default_config(demo: bool = False) -> dict:
-    """A deep copy of the dicts above (with the demo preset applied when asked)."""
+
+def merge(config: dict, overrides: dict) -> dict:
+    """`config` with the keys that `overrides` names (by section; per method for "methods") replaced."""
+    for section, values in overrides.items():
+        if section == "methods":  # per-method settings: change only the keys named
+            for method, settings in values.items():
+                config["methods"][method].update(settings)
+        else:
+            config[section].update(values)
+    return config
+
+
+def default_config(preset: str | None = None) -> dict:
+    """A deep copy of the dicts above, with a preset of PRESETS ("demo", "cifar100") applied when asked."""
     config = copy.deepcopy({"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG,
                             "methods": METHODS_CONFIG, "experiment": EXPERIMENT_CONFIG, "tune": TUNE_CONFIG})
-    if demo:
-        for section, overrides in DEMO_PRESET.items():
-            if section == "methods":  # per-method settings: change only the keys the preset names
-                for method, settings in overrides.items():
-                    config["methods"][method].update(settings)
-            else:
-                config[section].update(overrides)
-    return config
+    return merge(config, copy.deepcopy(PRESETS[preset])) if preset else config
 
 
 def create_teacher_config(**overrides) -> dict:

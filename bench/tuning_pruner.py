@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--logs", default="bench_logs/tuning_pruner")
     args = parser.parse_args()
-    config = final.default_config(demo=True)
+    config = final.default_config("demo")
     export_digits_demo(Path(config["experiment"]["data_dir"]))
     config["experiment"].update(methods=args.methods.split(","), tune=True, logs_dir=args.logs,
                                 checkpoints_dir=f"{args.logs}/checkpoints")

@@ -1,7 +1,10 @@
-"""Model names and builders: any torchvision classification model or timm model, unmodified.
+"""Model names and builders: any torchvision classification model or timm model, and the CIFAR tables' models
+(`models.cifar`), unmodified.
 
 A model is named by its library builder, case-insensitive: `resnet50` (also the seed's "ResNet50"),
-`mobilenet_v3_small`, or `timm/<name>`. The only change ever made to a library model is its
+`mobilenet_v3_small`, `timm/<name>`, or a CIFAR model as RepDistiller names it (`resnet8x4`, `wrn_40_2`,
+`ShuffleV1`; `cifar/<name>` for the VGGs, whose bare names are torchvision's). The only change ever made to a
+library model is its
 classifier (for the user's classes) and, for torchvision's ResNet family on small images, the CIFAR
 stem; both are repeated by a user who loads a saved checkpoint into the plain library model.
 """
@@ -15,9 +18,11 @@ import torch
 import torchvision
 from torch import nn
 
+from models.cifar import CIFAR_MODELS
 from models.errors import ModelError
 
 TIMM_PREFIX = "timm/"
+CIFAR_PREFIX = "cifar/"
 SMALL_IMAGE_MAX = 64  # at or below this size a ResNet's ImageNet stem would shrink the image 4x too early
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")  # the torchvision builders that take `stem`
 AUX_LOGITS = ("googlenet", "inception_v3")  # torchvision builders with auxiliary classifiers by default
@@ -27,7 +32,7 @@ AUX_LOGITS = ("googlenet", "inception_v3")  # torchvision builders with auxiliar
 class ModelSpec:
     """Everything needed to build one model the same way again."""
     name: str                      # as configured: "ResNet50", "mobilenet_v3_small", "timm/resnet10t"
-    source: str                    # "torchvision" or "timm"
+    source: str                    # "torchvision", "timm" or "cifar"
     builder: str                   # the library's own name: "resnet50", "resnet10t"
     weights: str | bool | None     # None: from scratch; a weights name, True (timm's tag) or a file path
     stem: str                      # "cifar" or "imagenet" for the ResNet family, else "library"
@@ -51,9 +56,21 @@ def timm_names() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+def _cifar_builder(name: str) -> str | None:
+    """The CIFAR zoo's own spelling of `name`, matched case-insensitively (MobileNetV2, resnet8x4)."""
+    return next((known for known in CIFAR_MODELS if known.lower() == name.lower()), None)
+
+
 def resolve_name(name: str) -> tuple[str, str]:
     """(source, builder) of a configured model name; an unknown name lists the closest known ones."""
     text = str(name).strip()
+    if text.lower().startswith(CIFAR_PREFIX):
+        builder = _cifar_builder(text[len(CIFAR_PREFIX):])
+        if builder is None:
+            close = difflib.get_close_matches(text[len(CIFAR_PREFIX):], list(CIFAR_MODELS), n=5, cutoff=0.4)
+            raise ModelError(f"unknown CIFAR model '{text}': closest are "
+                             f"{', '.join(close or list(CIFAR_MODELS)[:5])} (README lists them all)")
+        return "cifar", builder
     if text.lower().startswith(TIMM_PREFIX):
         import timm
         builder = text[len(TIMM_PREFIX):]
@@ -66,8 +83,11 @@ def resolve_name(name: str) -> tuple[str, str]:
                          f"{', '.join(TIMM_PREFIX + n for n in close)} (timm.list_models() lists them all)")
     if text.lower() in torchvision_names():
         return "torchvision", text.lower()
-    close = difflib.get_close_matches(text.lower(), torchvision_names(), n=5, cutoff=0.5)
-    raise ModelError(f"unknown model '{text}': closest torchvision names are "
+    if _cifar_builder(text) is not None:
+        return "cifar", _cifar_builder(text)
+    known = {name.lower(): name for name in (*torchvision_names(), *CIFAR_MODELS)}
+    close = [known[n] for n in difflib.get_close_matches(text.lower(), list(known), n=5, cutoff=0.5)]
+    raise ModelError(f"unknown model '{text}': closest torchvision and CIFAR names are "
                      f"{', '.join(close) or ', '.join(torchvision_names()[:5])}; timm models are named "
                      "timm/<name>")
 
@@ -144,6 +164,8 @@ def library_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     if spec.source == "timm":
         import timm
         return timm.create_model(spec.builder, pretrained=False, num_classes=num_classes, **timm_size_kwargs(spec))
+    if spec.source == "cifar":
+        return CIFAR_MODELS[spec.builder](num_classes=num_classes)
     kwargs = {"num_classes": num_classes}
     if spec.builder in AUX_LOGITS:  # one output in training mode, like every other model
         kwargs.update(aux_logits=False, init_weights=spec.weights is None,

@@ -98,7 +98,7 @@ def _probe_stages(model: nn.Module, size: int) -> list[Stage]:
     for before, tensor in stage_maps:
         producers = [name for index, name, _, output in events if output is tensor]
         if not producers:  # made by a functional op: the last module map of that shape before the step
-            producers = [name for index, name, _, output in maps if index < before and output.shape == tensor.shape]
+            producers = [name for index, name, output in maps if index < before and output.shape == tensor.shape]
         producers = [n for n in producers if not any(s.module.startswith(n + ".") for s in stages)] or producers
         if producers:
             stages.append(Stage(producers[-1], tensor.shape[1], size // tensor.shape[-1]))

@@ -77,8 +77,10 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict |
                          "state_dict saved with torch.save") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) and isinstance(loaded.get("meta"), dict):
         return loaded["model"], loaded["meta"]
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        return loaded["state_dict"], None  # the common {"state_dict": ...} training-script layout
+    # training scripts save {"state_dict": ...}; the CIFAR tables' teachers (RepDistiller, mdistiller) {"model": ...}
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            return loaded[key], None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ModelError(f"'{path}' holds no state_dict (a dict of tensors): save model.state_dict()")
     return loaded, None
@@ -186,8 +188,8 @@ def input_stats(spec: ModelSpec, meta: dict | None = None) -> InputStats | None:
     if meta is not None and meta.get("mean") is not None:
         return InputStats(tuple(meta["mean"]), tuple(meta["std"]), meta.get("image_size"), 1,
                           "the checkpoint's own meta")
-    if spec.weights is None:
-        return None
+    if spec.weights is None or spec.source == "cifar":
+        return None  # the CIFAR tables' files carry no normalisation: the data's own, as theirs was computed
     if spec.source == "timm":
         import timm
         cfg = timm.models.get_pretrained_cfg(spec.builder)

@@ -42,7 +42,7 @@ def test_seed_defaults():
 
 
 def test_demo_preset_applies_only_when_asked():
-    demo = final.default_config(demo=True)
+    demo = final.default_config("demo")
     assert Path(demo["experiment"]["data_dir"]) == Path("data", "digits")
     assert demo["experiment"]["hflip"] is False
     final.validate_config(demo)

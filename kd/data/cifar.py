@@ -30,7 +30,7 @@ def cifar_name(data_dir: str) -> str | None:
     return name.lower() if sep and name.lower() in DATASETS else None
 
 
-def _unchecked(dataset: type) -> type:
+def unchecked(dataset: type) -> type:
     """The dataset class reading the same files without comparing their checksums (ours are compared apart)."""
     return type(f"Unchecked{dataset.__name__}", (dataset,), {
         "train_list": [[name, None] for name, _ in dataset.train_list],
@@ -62,7 +62,7 @@ def load_cifar(data_dir: str, image_size: int | str, hflip: bool, val_images: in
     """The CIFAR set that `data_dir` ("cifar100:DIR") names, in memory: train less `val_images` (stratified),
     val, and the official test set."""
     name = cifar_name(data_dir)
-    dataset, root = DATASETS[name], Path(str(data_dir).split(":", 1)[1] or ".")
+    dataset, root = DATASETS[name], Path(str(data_dir).split(":", 1)[1] or ".").expanduser()
     if image_size not in ("auto", IMAGE_SIZE):
         raise UserError(f"{name} images are {IMAGE_SIZE} px: set experiment.image_size to auto or {IMAGE_SIZE} "
                         f"(now {image_size})")
@@ -73,7 +73,7 @@ def load_cifar(data_dir: str, image_size: int | str, hflip: bool, val_images: in
     if not official:
         log.warning("%s is not the official %s (its checksum differs): its results are not comparable with the "
                     "published tables", root / dataset.base_folder, name)
-    reader = _unchecked(dataset)
+    reader = unchecked(dataset)
     try:
         train, test = reader(str(root), train=True), reader(str(root), train=False)
     except Exception as err:  # noqa: BLE001 - a damaged pickle: whatever unpickling raises

@@ -31,7 +31,8 @@ class RunFailed(Exception):
 
 
 def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step learning-rate multiplier: optional linear warm-up, then StepLR or cosine ("onecycle")."""
+    """Per-step learning-rate multiplier: optional linear warm-up, then steps ("step": × gamma every step_size
+    epochs, or at each epoch of a step_size list, as StepLR and MultiStepLR) or cosine ("onecycle")."""
     warmup = cfg["warmup_epochs"] * steps_per_epoch
     total = cfg["epochs"] * steps_per_epoch
 
@@ -39,7 +40,9 @@ def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
         if step < warmup:
             return (step + 1) / warmup
         if cfg["scheduler"] == "step":
-            return cfg["gamma"] ** ((step // steps_per_epoch) // cfg["step_size"])
+            epoch, every = step // steps_per_epoch, cfg["step_size"]
+            steps = sum(epoch >= at for at in every) if isinstance(every, list) else epoch // every
+            return cfg["gamma"] ** steps
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
@@ -83,6 +86,7 @@ class TrainingRun:
         self.distiller, self.spec, self.data, self.runtime = distiller, spec, data, runtime
         distiller.attach_data(data.splits["train"].labels.cpu(), spec.seed)
         runtime.place(distiller)
+        runtime.capture([model for model in (distiller.student, distiller.teacher) if model is not None])
         self.model = distributed.wrap(distiller, runtime.device)
         self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"])

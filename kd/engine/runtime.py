@@ -31,6 +31,7 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
+    compile: bool = False  # the models' forward (and backward) captured by torch.compile (resolve_compile)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -39,6 +40,16 @@ class Runtime:
     def place(self, module: nn.Module) -> nn.Module:
         module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def capture(self, models: list[nn.Module]) -> None:
+        """With `compile`, compile each model's forward in place (its state_dict keys and hooks unchanged): small
+        images on a large GPU are launch-bound, and on CUDA "reduce-overhead" replays each step as CUDA graphs."""
+        if not self.compile:
+            return
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        for model in models:
+            if getattr(model, "_compiled_call_impl", None) is None:  # a shared teacher is compiled once
+                model.compile(mode=mode)
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
@@ -170,3 +181,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         log.warning("%s only emulates bf16 (slowly); --precision auto would train in fp16", device)
     return precision
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> bool:
+    """experiment.compile: true or false as set; "auto" turns it on only where a measurement showed a gain.
+    None has yet: on the CPU compiling costs a minute per model for no measured gain, and the CUDA
+    measurement (bench/gpu_check.sh, its cifar step) has not run on a GPU so far."""
+    return setting is True

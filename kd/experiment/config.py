@@ -47,7 +47,10 @@ _TRAIN_RULES: dict[str, Rule] = {
     "momentum": BELOW_ONE,
     "weight_decay": NON_NEGATIVE,
     "scheduler": one_of(*SCHEDULERS),
-    "step_size": POSITIVE_INT,
+    "step_size": Rule("an integer >= 1 (lr × gamma every step_size epochs) or a list of epochs, e.g. "
+                      "[150, 180, 210] (lr × gamma at each)",
+                      lambda v: POSITIVE_INT.check(v) or (isinstance(v, list) and len(v) > 0
+                                                          and all(POSITIVE_INT.check(e) for e in v))),
     "gamma": Rule("a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1),
     "warmup_epochs": NON_NEGATIVE_INT,
     "zero_init_residual": BOOL,
@@ -80,6 +83,8 @@ _EXPERIMENT_RULES: dict[str, Rule] = {
     "parallel": Rule("data or runs", lambda v: v in ("data", "runs")),
     "tune": BOOL,
     "cifar_val_images": POSITIVE_INT,
+    "preset": Rule("null or cifar100", lambda v: v in (None, "cifar100")),
+    "compile": Rule("auto, true or false", lambda v: v in ("auto", True, False)),
 }
 _LOG_RANGE = Rule("[low, high] with 0 < low < high", lambda v: isinstance(v, list) and len(v) == 2
                   and all(is_number(x) for x in v) and 0 < v[0] < v[1])

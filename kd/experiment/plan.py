@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Callable, NamedTuple
 
 from kd.data.holdout import split_roles
+from kd.experiment.presets import describe_pair_settings
 from kd.experiment.setup import Setup
 from kd.methods import METHODS
 from kd.results.record import RunRecord
@@ -21,6 +22,11 @@ def _stage_lines(role: str, spec: ModelSpec, setup: Setup) -> tuple[list[str], l
     sizes = check_image_size(model, spec.name, setup.data.image_size)
     described = ", ".join(f"{s.module} {s.channels}ch {size}x{size}" for s, size in zip(stages, sizes))
     return [f"  {role} stages at {setup.data.image_size} px: {described}"], stages
+
+
+def _parameters(setup: Setup, spec: ModelSpec) -> str:
+    """The model's size as the papers' tables give it (millions of parameters, with this run's classifier)."""
+    return f"{sum(p.numel() for p in setup.plain(spec).parameters()) / 1e6:.2f}M parameters"
 
 
 def _weights_text(spec: ModelSpec) -> str:
@@ -45,15 +51,21 @@ def describe_plan(setup: Setup) -> str:
         f"{data.ignored_files} non-image file(s) ignored",
         f"images: {data.image_size}x{data.image_size} px, horizontal flip {'on' if exp['hflip'] else 'off'}; "
         f"normalisation {setup.normalization}",
-        f"device: {setup.runtime.device}, precision {setup.runtime.precision}",
-        f"teacher: {t_spec.name} ({t_spec.source} {t_spec.builder}, {t_spec.stem} stem), {teacher_start}",
+        f"device: {setup.runtime.device}, precision {setup.runtime.precision}"
+        f"{', steps compiled (torch.compile)' if setup.runtime.compile else ''}",
+        f"teacher: {t_spec.name} ({t_spec.source} {t_spec.builder}, {t_spec.stem} stem, {_parameters(setup, t_spec)}), "
+        f"{teacher_start}",
         *teacher_lines,
-        f"students: {s_spec.name} ({s_spec.source} {s_spec.builder}, {s_spec.stem} stem), {_weights_text(s_spec)}, "
+        f"students: {s_spec.name} ({s_spec.source} {s_spec.builder}, {s_spec.stem} stem, {_parameters(setup, s_spec)}), "
+        f"{_weights_text(s_spec)}, "
         f"{student_cfg['epochs']} epochs, methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
         *student_lines,
     ]
     if exp["tune"] or data.official is not None:
         lines.append(split_roles(data, tuning=exp["tune"]))
+    pair_line = describe_pair_settings(config) if exp["preset"] == "cifar100" else None
+    if pair_line:
+        lines.append(pair_line)
     if teacher_stages and student_stages:
         how = "stage by stage" if len(teacher_stages) == len(student_stages) else "by stride"
         pairs = ", ".join(f"{student_stages[i].module}<-{teacher_stages[j].module}"

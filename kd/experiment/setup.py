@@ -14,7 +14,7 @@ from kd.data.cifar import cifar_name, load_cifar
 from kd.data.holdout import hold_out
 from kd.data.load import load_image_data
 from kd.engine import distributed
-from kd.engine.runtime import Runtime, resolve_device, resolve_precision
+from kd.engine.runtime import Runtime, resolve_compile, resolve_device, resolve_precision
 from kd.errors import UserError
 from kd.experiment.config import split_method_settings
 from kd.methods import METHODS, REFERENCE
@@ -129,7 +129,8 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     (`decode_all`: read every image once even when the set is too big to keep in memory, as --check does)."""
     exp, teacher_cfg, student_cfg = config["experiment"], config["teacher"], config["student"]
     device = resolve_device(distributed.init(exp["device"], exp["parallel"]))
-    runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps")
+    runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps",
+                      compile=resolve_compile(exp["compile"], device))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed image and batch sizes: pick the fastest kernels
     teacher_file = read_weights_file(teacher_cfg["checkpoint"]) if teacher_cfg["checkpoint"] else None
     teacher_meta = teacher_file[1] if teacher_file else None

@@ -18,6 +18,7 @@ from kd.methods.registry import Method, register
 from kd.rules import NON_NEGATIVE
 from kd.space import Range
 from models import classifier_name, find_stages, pair_stages
+from models.cifar.resnet import CifarResNet
 
 
 def hcl_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
@@ -63,10 +64,10 @@ class ABF(nn.Module):
 
 
 def teacher_preactivations(teacher: nn.Module, stage_modules: list[str]) -> list[str] | None:
-    """The modules whose input is each stage's pre-ReLU output: a torchvision ResNet's blocks apply their one
-    `relu` last to the residual sum, so the last call's input to `layerK[-1].relu` is it. None for other
-    architectures (whose stage outputs are used instead)."""
-    if not isinstance(teacher, torchvision.models.ResNet):
+    """The modules whose input is each stage's pre-ReLU output: a torchvision ResNet's blocks (and the CIFAR
+    zoo's) apply their one `relu` last to the residual sum, so the last call's input to `layerK[-1].relu` is it.
+    None for other architectures (whose stage outputs are used instead)."""
+    if not isinstance(teacher, (torchvision.models.ResNet, CifarResNet)):
         return None
     return [f"{name}.{len(teacher.get_submodule(name)) - 1}.relu" for name in stage_modules]
 

@@ -76,7 +76,7 @@ def experiment_summary(setup, folder: ExperimentFolder) -> dict:
                             "torchvision": str(torchvision.__version__), "platform": platform.platform(),
                             "device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
                             "threads": torch.get_num_threads(), "precision": setup.runtime.precision,
-                            "processes": distributed.world_size(), "backend": distributed.backend()},
+                            "compiled": setup.runtime.compile, "processes": distributed.world_size(), "backend": distributed.backend()},
             "data": {"root": str(data.root), "fingerprint": data.fingerprint, "classes": data.class_names,
                      "counts": data.counts,
                      "image_size": data.image_size, "stem": setup.stem, "ignored_files": data.ignored_files,
