@@ -86,8 +86,7 @@ class TrainingRun:
         self.distiller, self.spec, self.data, self.runtime = distiller, spec, data, runtime
         distiller.attach_data(data.splits["train"].labels.cpu(), spec.seed)
         runtime.place(distiller)
-        runtime.capture([model for model in (distiller.student, distiller.teacher) if model is not None])
-        self.model = distributed.wrap(distiller, runtime.device)
+        self.model = runtime.capture(distributed.wrap(distiller, runtime.device))
         self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"])
         schedule = lr_factor(cfg, data.steps_per_epoch(cfg["batch_size"]))

@@ -41,15 +41,20 @@ class Runtime:
         module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
-    def capture(self, models: list[nn.Module]) -> None:
-        """With `compile`, compile each model's forward in place (its state_dict keys and hooks unchanged): small
-        images on a large GPU are launch-bound, and on CUDA "reduce-overhead" replays each step as CUDA graphs."""
+    def capture(self, step: nn.Module) -> nn.Module:
+        """`step` (a distiller, or its DDP wrapper) as the training step calls it: with `compile`, through
+        torch.compile (the student's forward, the loss and their backward as a few large kernels; on CUDA
+        "reduce-overhead" replays them as CUDA graphs), else as it is. The module itself is unchanged, so
+        evaluation and checkpoints use it as they would without."""
         if not self.compile:
-            return
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        for model in models:
-            if getattr(model, "_compiled_call_impl", None) is None:  # a shared teacher is compiled once
-                model.compile(mode=mode)
+            return step
+        config = torch._dynamo.config
+        # by default dynamo does not guard modules' hooks: code compiled before a method registered its feature
+        # hooks on a shared teacher would run without them
+        config.skip_nnmodule_hook_guards = False
+        # one compiled entry per method's step (several train together): past the limit dynamo runs eager
+        config.recompile_limit = max(config.recompile_limit, 64)
+        return torch.compile(step, mode="reduce-overhead" if self.device.type == "cuda" else None)
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
