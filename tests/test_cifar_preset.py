@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cifar import CLASSES, write_cifar100
 
 import final
 import run_experiment
 from kd.data.cifar import load_cifar
 from kd.engine.run import lr_factor
 from kd.errors import UserError
-from kd.methods import METHODS
 from kd.experiment.presets import describe_pair_settings
+from kd.methods import METHODS
 from models import ModelError, resolve_name
 from models.cifar import CIFAR_MODELS
-from test_cifar import CLASSES, write_cifar100
 
 VAL_IMAGES = 8
 TINY = ["--seeds", "0", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
@@ -101,8 +101,8 @@ def test_check_shows_the_pairs_settings_and_the_users_own(tmp_path, capsys, one_
     out = capsys.readouterr().out
     assert code == 0, out
     lines = [line for line in out.splitlines() if line.startswith("preset cifar100:")]
-    assert lines == ["preset cifar100: the tables' settings for resnet56 -> resnet20: "
-                     "methods.DKD.nckd_weight 2.0 (you set 3), methods.ReviewKD.beta 0.6"]
+    assert lines == [("preset cifar100: the tables' settings for resnet56 -> resnet20: "
+                      "methods.DKD.nckd_weight 2.0 (you set 3), methods.ReviewKD.beta 0.6")]
     assert not (tmp_path / "logs").exists()
 
 
@@ -204,15 +204,15 @@ def _normalized(images: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
 
 
 def _published_teacher(path: Path, root: Path) -> torch.nn.Module:
-    """A resnet8 trained a few steps on the file's training split, saved as RepDistiller's train_teacher.py saves
-    (epoch, model, best_acc, optimizer)."""
+    """A resnet8 trained a few steps on the file's training split (6 of 8 val images right, 8 of 12 test images:
+    neither chance nor perfect), saved as RepDistiller's train_teacher.py saves (epoch, model, best_acc, optimizer)."""
     data = load_cifar(f"cifar100:{root}", "auto", False, VAL_IMAGES)
     train = data.splits["train"]
     torch.manual_seed(0)
     model = CIFAR_MODELS["resnet8"](num_classes=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     images = _normalized(train.images, train.images)
-    for _ in range(15):
+    for _ in range(9):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(images), train.labels).backward()
         optimizer.step()
@@ -243,12 +243,16 @@ def test_a_published_teacher_checkpoint_is_used_as_it_is(tmp_path, capsys, one_t
     data = load_cifar(f"cifar100:{root}", "auto", False, VAL_IMAGES)
     train = data.splits["train"].images
     with torch.no_grad():
-        predicted = {split: fresh(_normalized(data.splits[split].images, train)).argmax(dim=1)
-                     for split in ("val", "test")}
+        logits = {split: fresh(_normalized(data.splits[split].images, train)) for split in ("val", "test")}
+    predicted = {split: z.argmax(dim=1) for split, z in logits.items()}
     labels = {split: data.splits[split].labels for split in ("val", "test")}
-    assert len(set(predicted["val"].tolist())) > 1  # not one class for every image: the comparison below means something
-    val_accuracy = (predicted["val"] == labels["val"]).float().mean().item()
-    test_accuracy = (predicted["test"] == labels["test"]).float().mean().item()
+    for z in logits.values():  # no near-tie that float rounding (channels_last, batching) could flip
+        top = z.topk(2, dim=1).values
+        assert (top[:, 0] - top[:, 1]).min() > 1e-3
+    val_accuracy = (predicted["val"] == labels["val"]).sum().item() / len(labels["val"])
+    test_accuracy = (predicted["test"] == labels["test"]).sum().item() / len(labels["test"])
+    # neither one class for all nor all right, and the splits differ: the comparison tells something
+    assert 0.25 < val_accuracy < 1 and 0.25 < test_accuracy < 1 and val_accuracy != test_accuracy
     assert teacher["best_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
     assert teacher["test_accuracy"] == pytest.approx(test_accuracy, abs=1e-9)
     confusion = [[0] * len(CLASSES) for _ in CLASSES]
