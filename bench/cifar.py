@@ -144,6 +144,8 @@ def main() -> None:
         row["vs_plain_1_run"] = round(row["runs_1"] / row["plain"], 2)
         figures["batches"][batch] = row
         print(f"batch {batch}: " + ", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    if not figures["batches"]:
+        sys.exit(f"no measurement started within --budget {args.budget} s")
     best = {batch: max(v for k, v in row.items() if k.startswith(("runs_", "compiled_")))
             for batch, row in figures["batches"].items()}
     one_run = max(row[key] for row in figures["batches"].values() for key in ("runs_1", "compiled_1") if key in row)

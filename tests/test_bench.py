@@ -1,6 +1,7 @@
 """The benchmarks' own plumbing, checked on the CPU so that CI catches what would crash them on a GPU."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from kd.data.load import load_image_data
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import cifar as cifar_bench  # noqa: E402
 import compare_records  # noqa: E402
 import scale  # noqa: E402
 import throughput  # noqa: E402
@@ -33,6 +35,16 @@ def test_throughput_distillers_live_on_the_teachers_device():
         _, losses = distiller.forward_train(images, labels)
         assert all(loss.device == meta for loss in losses.values())
         distiller.close()
+
+
+def test_cifar_bench_measures_both_sides_on_a_tiny_file(tmp_path):
+    """bench/cifar.py (gpu_check's cifar step) on a CPU: the synthetic CIFAR-100 file, the teacher in the published
+    layout, the project's run under --preset cifar100 and the plain loop each give a speed."""
+    cifar_bench.random_cifar100(tmp_path, train_per_class=2, test_per_class=1)
+    cifar_bench.teacher_file(tmp_path / "teacher.pth")
+    args = argparse.Namespace(device="cpu", epochs=1, val_images=100)
+    assert cifar_bench.project(tmp_path, args, batch=64, runs=1) > 0
+    assert cifar_bench.plain(tmp_path, args, batch=64) > 0
 
 
 def test_scale_images_and_subsets(tmp_path):
