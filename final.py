@@ -104,8 +104,8 @@ EXPERIMENT_CONFIG = {
                                   # (TUNE_CONFIG below, README "Tuning"); seeds then come from tune.final_seeds
     "cifar_val_images": 5000,     # CIFAR: training images held out (stratified, seed 0) as val; test/ reports
     "preset": None,               # "cifar100" under --preset cifar100: the plan then shows the pair's settings
-    "compile": "auto",            # torch.compile the models' steps (CUDA graphs on a GPU); auto: where measured
-                                  # to gain (nowhere yet, see bench/RESULTS.md)
+    "compile": "auto",            # the training step through torch.compile (CUDA graphs on a GPU); auto: where
+                                  # measured to gain, which is nowhere yet (bench/gpu_check.sh measures it)
 }
 
 # `--tune` (README, "Tuning"): every method gets the same number of Optuna trials, scored on the selection
@@ -183,6 +183,19 @@ def default_config(preset: str | None = None) -> dict:
     config = copy.deepcopy({"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG,
                             "methods": METHODS_CONFIG, "experiment": EXPERIMENT_CONFIG, "tune": TUNE_CONFIG})
     return merge(config, copy.deepcopy(PRESETS[preset])) if preset else config
+
+
+def upgrade(stored: dict) -> dict:
+    """The config of an experiment begun by an earlier version (read back to --resume it), with the sections and
+    keys added since at their defaults, each of which keeps what that version did (no tuning, no preset, no
+    compiling), so that it compares equal to the config that continues it."""
+    config = copy.deepcopy(stored)
+    for section, defaults in default_config().items():
+        config.setdefault(section, {})
+        entries = defaults.items() if section != "methods" else ()
+        for key, value in entries:
+            config[section].setdefault(key, value)
+    return config
 
 
 def create_teacher_config(**overrides) -> dict:

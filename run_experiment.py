@@ -94,21 +94,20 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict
     from kd.data.digits import export_digits_demo
     from kd.errors import UserError
     from kd.experiment.config import apply_overrides
-    from kd.experiment.presets import table_pair_settings
+    from kd.experiment.presets import table_pair_settings, use_table_models
 
     if args.demo and args.preset:
         raise UserError(f"--demo and --preset {args.preset} are two presets: choose one")
     preset = "demo" if args.demo else args.preset
     config = copy.deepcopy(base) if base is not None else final.default_config(preset)
-    if base is not None:  # an experiment started before tuning and CIFAR existed: it had neither
-        config.setdefault("tune", final.default_config()["tune"])
-        for key in ("tune", "cifar_val_images", "preset", "compile"):
-            config["experiment"].setdefault(key, final.EXPERIMENT_CONFIG[key])
-    elif preset == "cifar100":  # the tables' settings for the pair, where --set leaves them to the preset
+    if base is None:  # the tables' settings for the pair (what --set asks for), where --set leaves them unset
         asked = copy.deepcopy(config)
         apply_overrides(asked, args.set)
-        final.merge(config, table_pair_settings(asked))
+        if asked["experiment"]["preset"] == "cifar100":
+            final.merge(config, table_pair_settings(asked))
     apply_overrides(config, args.set)
+    if config["experiment"]["preset"] == "cifar100":
+        use_table_models(config)
     if args.seeds and (args.tune or config["experiment"]["tune"]):
         raise UserError("--seeds does not apply with --tune: trials train on tune.trial_seed and the final runs on "
                         "tune.final_seeds fresh seeds; set those (--set tune.final_seeds=5)")
@@ -151,6 +150,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     if args.resume is not None:  # continue with the stored settings; given flags must not change them
         from kd.experiment.resume import find_unfinished
         resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
+        resume[2]["config"] = final.upgrade(resume[2]["config"])  # begun by an earlier version: the keys added since
         config = config_from_args(args, base=resume[2]["config"])
     return final.main(config, check_only=args.check, resume=resume)
 

@@ -1,9 +1,11 @@
 """The GPU check (run through bench/gpu_check.sh): the paths a CPU never runs, on one CUDA GPU, in minutes.
 
 Steps, each in its own process with a time limit, in a scratch folder (nothing is downloaded):
-  cifar      python bench/cifar.py --device cuda: KD resnet32x4 -> resnet8x4 under --preset cifar100 on a
-             synthetic CIFAR-100 file, the project's img/s (1, 2 and 4 runs sharing the GPU; compiled) against
-             the plain loop at batch 64 and 128, and the projected time of a 240-epoch run and of the table
+  cifar      python bench/cifar.py --device cuda --budget 150: KD resnet32x4 -> resnet8x4 under --preset
+             cifar100 on a synthetic CIFAR-100 file, the project's img/s (1, 2 and 4 runs sharing the GPU;
+             compiled) against the plain loop at batch 64 and 128, and the projected time of a 240-epoch run
+             and of the table; first, as the CIFAR issue asks (the later steps are cut when the budget ends:
+             `--steps` runs them)
   demo       python run_experiment.py --demo --device cuda (teacher and all six methods)
   throughput python bench/throughput.py --quick --device cuda (plain loop against the project)
   torchrun   a 1-process torchrun job (DDP over nccl) on the demo data, Baseline and KD, streaming the
@@ -87,14 +89,18 @@ def experiment(logs: Path) -> tuple[list[dict], dict]:
 
 def check_cifar(check: Check) -> None:
     done = check.run("cifar", [sys.executable, str(REPO / "bench" / "cifar.py"), "--device", "cuda",
-                               "--budget", "200"], timeout=240)
+                               "--budget", "150"], timeout=200)
     if done is None:
         return
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     rows = "; ".join(f"batch {batch}: " + ", ".join(f"{key} {value}" for key, value in row.items())
                      for batch, row in figures["batches"].items())
-    check.row("cifar", True, f"img/s {rows}; projected: one 240-epoch run {figures['projected_run_minutes']} min, "
-                             f"the table {figures['projected_table_hours']} h")
+    measured = "projected_run_minutes" in figures
+    failed = any(str(value).startswith("failed") for row in figures["batches"].values() for value in row.values())
+    check.row("cifar", measured and not failed, f"img/s {rows}; " + (
+        f"{figures.get('vs_plain_1_run')}x the plain loop at batch 64; projected at batch 64: one 240-epoch run "
+        f"{figures['projected_run_minutes']} min, the table {figures['projected_table_hours']} h (training steps)"
+        if measured else "no one-run figure"))
 
 
 def check_demo(check: Check) -> None:

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from run_worker import launcher  # noqa: E402
 
 
 def sweep_args(work: Path, device: str, epochs: int) -> list[str]:
@@ -47,10 +50,8 @@ def layout(processes: int, work: Path, args: argparse.Namespace, threads: int) -
     logs = work / f"logs_{processes}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     script = [str(REPO / "run_experiment.py"), *sweep_args(work, args.device, args.epochs), "--logs-dir", str(logs)]
-    launcher = ([sys.executable] if processes == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
     extra = [] if processes == 1 else ["--parallel", "runs"]
-    seconds = run([*launcher, *script, *extra], env, work)
+    seconds = run([*launcher(processes), *script, *extra], env, work)
     (folder,) = logs.glob("final_experiment_*")
     runs = [r for r in json.loads((folder / "comparison_results.json").read_text()) if r["method"] != "Teacher"]
     images = sum(entry["images"] for r in runs for entry in r["history"])

@@ -83,10 +83,11 @@ def resolve_name(name: str) -> tuple[str, str]:
                          f"{', '.join(TIMM_PREFIX + n for n in close)} (timm.list_models() lists them all)")
     if text.lower() in torchvision_names():
         return "torchvision", text.lower()
-    if _cifar_builder(text) is not None:
-        return "cifar", _cifar_builder(text)
-    known = {name.lower(): name for name in (*torchvision_names(), *CIFAR_MODELS)}
-    close = [known[n] for n in difflib.get_close_matches(text.lower(), list(known), n=5, cutoff=0.5)]
+    builder = _cifar_builder(text)
+    if builder is not None:
+        return "cifar", builder
+    spelled = {model.lower(): model for model in (*torchvision_names(), *CIFAR_MODELS)}
+    close = [spelled[n] for n in difflib.get_close_matches(text.lower(), list(spelled), n=5, cutoff=0.5)]
     raise ModelError(f"unknown model '{text}': closest torchvision and CIFAR names are "
                      f"{', '.join(close) or ', '.join(torchvision_names()[:5])}; timm models are named "
                      "timm/<name>")
@@ -107,6 +108,9 @@ def model_spec(model_cfg: dict, image_size: int, stem: str) -> ModelSpec:
     source, builder = resolve_name(model_cfg["model"])
     weights = model_cfg.get("weights")
     resnet_family = source == "torchvision" and builder.startswith(RESNET_FAMILY)
+    if source == "cifar" and weights is not None and not isinstance(weights, str):
+        raise ModelError(f"{model_cfg['model']} has no library weights (weights: {weights}): set weights to a "
+                         "checkpoint file (RepDistiller's or mdistiller's {\"model\": ...} files load) or null")
     if model_cfg.get("zero_init_residual") and not resnet_family:
         raise ModelError(f"zero_init_residual applies to torchvision's ResNet family only, not to "
                          f"{model_cfg['model']}: set it to false")

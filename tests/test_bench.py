@@ -43,7 +43,10 @@ def test_cifar_bench_measures_both_sides_on_a_tiny_file(tmp_path):
     cifar_bench.random_cifar100(tmp_path, train_per_class=2, test_per_class=1)
     cifar_bench.teacher_file(tmp_path / "teacher.pth")
     args = argparse.Namespace(device="cpu", epochs=1, val_images=100)
-    assert cifar_bench.project(tmp_path, args, batch=64, runs=1) > 0
+    speeds = cifar_bench.project(tmp_path, args, batch=64, runs=1)
+    assert speeds["steps"] > 0 and speeds["wall"] > 0
+    with pytest.raises(cifar_bench.Failed, match="past the budget"):  # its process group killed, not waited for
+        cifar_bench.project(tmp_path, args, batch=64, runs=1, timeout=1)
     assert cifar_bench.plain(tmp_path, args, batch=64) > 0
 
 

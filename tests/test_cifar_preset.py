@@ -1,7 +1,7 @@
 """--preset cifar100 (final.CIFAR100_PRESET, kd/experiment/presets.py): an end-to-end run of every method on two zoo
 models, the tables' per-pair settings (and the user's --set winning over them), --demo with it refused, the
-step_size list (MultiStepLR's milestones), a teacher checkpoint in the layout RepDistiller and mdistiller publish,
-and the names of the zoo's models. Tiny data (tests/test_cifar.py's 4-class file): well under a minute on a
+step_size list (MultiStepLR's milestones), and a teacher checkpoint in the layout RepDistiller and mdistiller
+publish. Tiny data (tests/test_cifar.py's 4-class file): well under a minute on a
 2-core CPU."""
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from kd.engine.run import lr_factor
 from kd.errors import UserError
 from kd.experiment.presets import describe_pair_settings
 from kd.methods import METHODS
-from models import ModelError, resolve_name
 from models.cifar import CIFAR_MODELS
 
 VAL_IMAGES = 8
@@ -115,15 +114,15 @@ def test_check_shows_the_pairs_settings_and_the_users_own(tmp_path, capsys, one_
      {"teacher.lr": 0.05, "student.lr": 0.01, "DKD.nckd_weight": 6.0, "ReviewKD.beta": 5.0}),
     (["--set", "teacher.model=cifar/vgg13", "--set", "student.model=MobileNetV2", "--set", "student.lr=0.02"],
      {"teacher.lr": 0.05, "student.lr": 0.02, "DKD.nckd_weight": 6.0}),
-    # bare vgg13 is torchvision's: not the tables' pair
+    # under the preset, bare vgg13 (elsewhere torchvision's) is the tables' model: the tables' pair
     (["--set", "teacher.model=vgg13", "--set", "student.model=MobileNetV2"],
-     {"student.lr": 0.01, "DKD.nckd_weight": 8.0}),
+     {"teacher.model": "cifar/vgg13", "student.lr": 0.01, "DKD.nckd_weight": 6.0}),
     (["--set", "student.model=ShuffleV1"], {"teacher.lr": 0.05, "student.lr": 0.01, "DKD.nckd_weight": 8.0}),
     (["--set", "teacher.model=ShuffleV2", "--set", "student.model=resnet8"], {"teacher.lr": 0.01, "student.lr": 0.05}),
     ([], {"teacher.lr": 0.05, "student.lr": 0.05, "DKD.nckd_weight": 8.0, "ReviewKD.beta": 5.0}),  # 32x4 -> 8x4
     (["--set", "teacher.model=resnet32x4", "--set", "student.model=ShuffleV2"],
      {"student.lr": 0.01, "ReviewKD.beta": 8.0, "DKD.nckd_weight": 8.0}),
-], ids=["resnet56-resnet20", "user-dkd", "vgg13-mv2", "user-lr", "torchvision-vgg13", "shufflev1", "shufflev2-teacher",
+], ids=["resnet56-resnet20", "user-dkd", "vgg13-mv2", "user-lr", "bare-vgg13", "shufflev1", "shufflev2-teacher",
         "default-pair", "resnet32x4-shufflev2"])
 def test_the_preset_gives_a_pair_the_tables_settings_where_the_user_leaves_them(argv, expected):
     config = _config("--preset", "cifar100", *argv)
@@ -141,6 +140,26 @@ def test_without_the_preset_the_pair_keeps_the_defaults():
     assert config["teacher"]["lr"] == final.TEACHER_CONFIG["lr"] == 0.1
     assert config["methods"]["DKD"]["nckd_weight"] == 8.0 and config["experiment"]["preset"] is None
     assert config["student"]["step_size"] == 30 and config["student"]["epochs"] == 50
+
+
+def test_bare_vgg_names_are_torchvision_s_outside_the_preset_and_the_tables_under_it():
+    assert _config("--set", "teacher.model=vgg13")["teacher"]["model"] == "vgg13"
+    assert _config("--preset", "cifar100", "--set", "teacher.model=VGG13")["teacher"]["model"] == "cifar/VGG13"
+    # the preset named by its key alone gives the pair its settings too, as the plan then says
+    config = _config("--set", "experiment.preset=cifar100", "--set", "teacher.model=resnet56",
+                     "--set", "student.model=resnet20")
+    assert config["methods"]["DKD"]["nckd_weight"] == 2.0 and config["methods"]["ReviewKD"]["beta"] == 0.6
+
+
+def test_library_weights_for_a_zoo_model_are_one_line(tmp_path, capsys):
+    root = write_cifar100(tmp_path / "c100")
+    code = run_experiment.cli(["--preset", "cifar100", "--data", f"cifar100:{root}", "--check", *TINY,
+                               "--set", "student.weights=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [(
+        "error: resnet8x4 has no library weights (weights: True): set weights to a checkpoint file "
+        "(RepDistiller's or mdistiller's {\"model\": ...} files load) or null")]
 
 
 def test_demo_with_the_preset_is_refused(capsys):
@@ -273,30 +292,3 @@ def test_a_published_checkpoint_of_another_architecture_is_one_line(tmp_path, ca
     # resnet14 has two blocks per stage, resnet8 one: the file lacks the second ones
     assert "missing key(s) (e.g. layer1.1." in line and str(path) in line and "resnet14" in line
     assert not (tmp_path / "logs").exists()
-
-
-# --- 6. the zoo's names ------------------------------------------------------------------------------------------
-
-def test_unknown_zoo_names_list_the_closest():
-    with pytest.raises(ModelError, match="resnet8x5") as err:
-        resolve_name("resnet8x5")
-    assert "resnet8x4" in str(err.value)
-    with pytest.raises(ModelError, match="cifar/vgg14") as err:
-        resolve_name("cifar/vgg14")
-    assert "vgg13" in str(err.value)
-
-
-@pytest.mark.parametrize("name, expected", [
-    ("VGG13", ("torchvision", "vgg13")),
-    ("vgg13", ("torchvision", "vgg13")),
-    ("cifar/vgg13", ("cifar", "vgg13")),
-    ("CIFAR/VGG13", ("cifar", "vgg13")),
-    ("mobilenetv2", ("cifar", "MobileNetV2")),
-    ("shufflev1", ("cifar", "ShuffleV1")),
-    ("resnet8x4", ("cifar", "resnet8x4")),
-    ("WRN_40_2", ("cifar", "wrn_40_2")),
-    ("cifar/resnet56", ("cifar", "resnet56")),
-    ("resnet18", ("torchvision", "resnet18")),
-])
-def test_zoo_names_resolve(name, expected):
-    assert resolve_name(name) == expected

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import ModelError, resolve_name
 from models.cifar import CIFAR_MODELS
 
 # Batches of one or two small images: one intra-op thread is faster than two (conftest).
@@ -186,3 +187,30 @@ def test_module_outputs_are_not_modified_in_place(name):
         for handle in handles:
             handle.remove()
     assert kept and all(out._version == version for out, version in kept)
+
+
+# --- the zoo's names beside torchvision's and timm's ------------------------------------------------------------------------------------------
+
+def test_unknown_zoo_names_list_the_closest():
+    with pytest.raises(ModelError, match="resnet8x5") as err:
+        resolve_name("resnet8x5")
+    assert "resnet8x4" in str(err.value)
+    with pytest.raises(ModelError, match="cifar/vgg14") as err:
+        resolve_name("cifar/vgg14")
+    assert "vgg13" in str(err.value)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("VGG13", ("torchvision", "vgg13")),
+    ("vgg13", ("torchvision", "vgg13")),
+    ("cifar/vgg13", ("cifar", "vgg13")),
+    ("CIFAR/VGG13", ("cifar", "vgg13")),
+    ("mobilenetv2", ("cifar", "MobileNetV2")),
+    ("shufflev1", ("cifar", "ShuffleV1")),
+    ("resnet8x4", ("cifar", "resnet8x4")),
+    ("WRN_40_2", ("cifar", "wrn_40_2")),
+    ("cifar/resnet56", ("cifar", "resnet56")),
+    ("resnet18", ("torchvision", "resnet18")),
+])
+def test_zoo_names_resolve(name, expected):
+    assert resolve_name(name) == expected

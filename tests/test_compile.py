@@ -54,7 +54,5 @@ def test_compiled_steps_train_as_the_eager_ones(tmp_path, make_image_folder, one
 
 
 def test_auto_compiles_nowhere_until_a_measurement_shows_a_gain():
-    for device in ("cpu", "cuda", "mps"):
-        assert resolve_compile("auto", torch.device(device)) is False
-        assert resolve_compile(True, torch.device(device)) is True
-        assert resolve_compile(False, torch.device(device)) is False
+    assert resolve_compile("auto") is False
+    assert resolve_compile(True) is True and resolve_compile(False) is False

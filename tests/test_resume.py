@@ -230,6 +230,26 @@ def test_resume_keeps_the_precision_it_started_in(tmp_path, make_image_folder, m
     assert _essentials(_records(tmp_path / "stopped")) == expected
 
 
+def test_resume_an_experiment_begun_before_the_newer_keys(tmp_path, make_image_folder, monkeypatch):
+    """A folder written before tuning, CIFAR, presets and compiling existed (no tune section, none of their
+    experiment keys) resumes, with the records of an uninterrupted experiment."""
+    data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
+    argv = [*_argv(tmp_path / "whole", data), *CHEAP]
+    assert run_experiment.cli(argv) == 0
+    expected = _essentials(_records(tmp_path / "whole"))
+
+    argv = [*_argv(tmp_path / "stopped", data), *CHEAP]
+    exp_dir = _interrupted_after_first_epoch(argv, monkeypatch)
+    summary_file = exp_dir / "experiment_summary.json"
+    summary = json.loads(summary_file.read_text())
+    del summary["config"]["tune"]
+    for key in ("tune", "cifar_val_images", "preset", "compile"):
+        del summary["config"]["experiment"][key]
+    summary_file.write_text(json.dumps(summary))
+    assert run_experiment.cli([*argv, "--resume"]) == 0
+    assert _essentials(_records(tmp_path / "stopped")) == expected
+
+
 def _refused(argv: list[str], exp_dir: Path, capsys, untouched: bool = True) -> str:
     """Resume, expecting exit 2 with one line (and every file of the experiment untouched); the line."""
     before = {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}

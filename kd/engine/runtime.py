@@ -54,7 +54,9 @@ class Runtime:
         config.skip_nnmodule_hook_guards = False
         # one compiled entry per method's step (several train together): past the limit dynamo runs eager
         config.recompile_limit = max(config.recompile_limit, 64)
-        return torch.compile(step, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        # static shapes: the epoch's last, smaller batch gets a graph of its own instead of turning every batch's
+        # graph into a dynamic-shape one (which CUDA graphs cannot replay)
+        return torch.compile(step, mode="reduce-overhead" if self.device.type == "cuda" else None, dynamic=False)
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
@@ -188,8 +190,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def resolve_compile(setting: str | bool, device: torch.device) -> bool:
-    """experiment.compile: true or false as set; "auto" turns it on only where a measurement showed a gain.
-    None has yet: on the CPU compiling costs a minute per model for no measured gain, and the CUDA
-    measurement (bench/gpu_check.sh, its cifar step) has not run on a GPU so far."""
+def resolve_compile(setting: str | bool) -> bool:
+    """experiment.compile: true or false as set; "auto" turns it on only where a measurement showed a gain, and
+    none has yet: on the CPU a run pays tens of seconds of compiling (tests/test_compile.py) for no measured
+    gain, and bench/gpu_check.sh's cifar step, which measures it on a GPU, has not run on one so far."""
     return setting is True

@@ -29,6 +29,10 @@ def _parameters(setup: Setup, spec: ModelSpec) -> str:
     return f"{sum(p.numel() for p in setup.plain(spec).parameters()) / 1e6:.2f}M parameters"
 
 
+def _model_text(setup: Setup, spec: ModelSpec) -> str:
+    return f"{spec.name} ({spec.source} {spec.builder}, {spec.stem} stem, {_parameters(setup, spec)})"
+
+
 def _weights_text(spec: ModelSpec) -> str:
     return "from scratch" if spec.weights is None else f"weights {spec.weights}"
 
@@ -53,16 +57,19 @@ def describe_plan(setup: Setup) -> str:
         f"normalisation {setup.normalization}",
         f"device: {setup.runtime.device}, precision {setup.runtime.precision}"
         f"{', steps compiled (torch.compile)' if setup.runtime.compile else ''}",
-        f"teacher: {t_spec.name} ({t_spec.source} {t_spec.builder}, {t_spec.stem} stem, {_parameters(setup, t_spec)}), "
-        f"{teacher_start}",
+        f"teacher: {_model_text(setup, t_spec)}, {teacher_start}",
         *teacher_lines,
-        f"students: {s_spec.name} ({s_spec.source} {s_spec.builder}, {s_spec.stem} stem, {_parameters(setup, s_spec)}), "
-        f"{_weights_text(s_spec)}, "
-        f"{student_cfg['epochs']} epochs, methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
+        f"students: {_model_text(setup, s_spec)}, {_weights_text(s_spec)}, {student_cfg['epochs']} epochs, "
+        f"methods {', '.join(exp['methods'])}, seeds {', '.join(map(str, exp['seeds']))}",
         *student_lines,
     ]
     if exp["tune"] or data.official is not None:
         lines.append(split_roles(data, tuning=exp["tune"]))
+    for role in ("teacher", "student"):
+        epochs, steps = config[role]["epochs"], config[role]["step_size"]
+        if config[role]["scheduler"] == "step" and isinstance(steps, list) and 0 < epochs <= min(steps):
+            lines.append(f"note: {role}.step_size {steps}: no lr step falls within its {epochs} epochs; give epochs "
+                         "of this run (e.g. the same shares of it)")
     pair_line = describe_pair_settings(config) if exp["preset"] == "cifar100" else None
     if pair_line:
         lines.append(pair_line)
@@ -83,8 +90,9 @@ def describe_plan(setup: Setup) -> str:
     for method in exp["methods"]:
         own = setup.own_settings(method)
         if own:
-            lines.append(f"note: {method} trains its own student ({', '.join(f'{k}={v}' for k, v in own.items())}): "
-                         "not under the common protocol, so its gain gets no p-value")
+            size = f", {_parameters(setup, setup.student_settings(method)[2])}" if "model" in own else ""
+            lines.append(f"note: {method} trains its own student ({', '.join(f'{k}={v}' for k, v in own.items())}"
+                         f"{size}): not under the common protocol, so its gain gets no p-value")
         settings, student_cfg, _ = setup.student_settings(method)
         for key, share in METHODS[method].epoch_shares.items():
             if config["methods"][method][key] is None:

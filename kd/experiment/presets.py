@@ -1,45 +1,48 @@
 """What the published CIFAR-100 tables (CRD, Tian et al. 2020; ReviewKD, Chen et al. 2021; DKD, Zhao et al.
 2022) changed for particular models and pairs. `--preset cifar100` gives a pair these settings wherever the
-user leaves the key unset; the plan shows them."""
+user leaves the key unset (the plan shows them), and reads the VGGs' names as the tables' models."""
 from __future__ import annotations
 
-import copy
-
 from kd.errors import UserError
+from kd.methods import METHODS
 from models import ModelError, resolve_name
+from models.builders import CIFAR_PREFIX
 
 # trained at lr 0.01 instead of 0.05, as teachers and as students (RepDistiller's train_teacher.py and
 # train_student.py; mdistiller's configs/cifar100/dkd/*_shuv1.yaml, *_shuv2.yaml and *_mv2.yaml)
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+SHARED_NAMES = ("vgg11", "vgg13", "vgg16", "vgg19")  # torchvision's and the tables' models alike
 SMALL_LR = 0.01
 
-# (teacher, student) -> the methods' settings the tables used for that pair. DKD's beta (nckd_weight): mdistiller's
-# configs/cifar100/dkd/<pair>.yaml (8, the default, elsewhere); ReviewKD's loss weight (beta): the ReviewKD
-# repository's CIFAR-100/script/reviewKD.sh (5, the default, elsewhere).
-PAIR_SETTINGS: dict[tuple[str, str], dict[str, dict[str, float]]] = {
-    ("resnet56", "resnet20"): {"DKD": {"nckd_weight": 2.0}, "ReviewKD": {"beta": 0.6}},
-    ("resnet110", "resnet32"): {"DKD": {"nckd_weight": 2.0}, "ReviewKD": {"beta": 1.0}},
-    ("wrn_40_2", "wrn_16_2"): {"DKD": {"nckd_weight": 6.0}},
-    ("wrn_40_2", "wrn_40_1"): {"DKD": {"nckd_weight": 6.0}},
-    ("vgg13", "vgg8"): {"DKD": {"nckd_weight": 6.0}},
-    ("vgg13", "MobileNetV2"): {"DKD": {"nckd_weight": 6.0}},
-    ("resnet32x4", "ShuffleV2"): {"ReviewKD": {"beta": 8.0}},
-}
+
+def table_model(name: str) -> str:
+    """A model name as the tables mean it: the VGGs' bare names are torchvision's ImageNet models elsewhere, the
+    zoo's under the preset."""
+    return f"{CIFAR_PREFIX}{name}" if str(name).lower() in SHARED_NAMES else name
+
+
+def use_table_models(config: dict) -> None:
+    for role in ("teacher", "student"):
+        config[role]["model"] = table_model(config[role]["model"])
 
 
 def table_pair_settings(config: dict) -> dict[str, dict]:
     """The tables' own settings for this config's teacher and student, by section, e.g.
-    {"student": {"lr": 0.01}, "methods": {"DKD": {"nckd_weight": 6.0}}}; empty outside the CIFAR zoo."""
+    {"student": {"lr": 0.01}, "methods": {method: {setting: value}}}; empty outside the CIFAR zoo."""
     try:
-        (t_source, teacher), (s_source, student) = (resolve_name(config[r]["model"]) for r in ("teacher", "student"))
+        (t_source, teacher), (s_source, student) = (resolve_name(table_model(config[r]["model"]))
+                                                    for r in ("teacher", "student"))
     except ModelError as err:
         raise UserError(str(err)) from None
     settings: dict[str, dict] = {}
     for role, source, builder in (("teacher", t_source, teacher), ("student", s_source, student)):
         if source == "cifar" and builder in SMALL_LR_MODELS:
             settings[role] = {"lr": SMALL_LR}
-    if t_source == s_source == "cifar" and (teacher, student) in PAIR_SETTINGS:
-        settings["methods"] = copy.deepcopy(PAIR_SETTINGS[teacher, student])
+    if t_source == s_source == "cifar":  # each method declares its pairs' settings in its own file
+        methods = {name: dict(method.table_pairs[teacher, student]) for name, method in METHODS.items()
+                   if (teacher, student) in method.table_pairs}
+        if methods:
+            settings["methods"] = methods
     return settings
 
 

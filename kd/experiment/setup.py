@@ -130,7 +130,10 @@ def prepare(config: dict, decode_all: bool = False) -> Setup:
     exp, teacher_cfg, student_cfg = config["experiment"], config["teacher"], config["student"]
     device = resolve_device(distributed.init(exp["device"], exp["parallel"]))
     runtime = Runtime(device, resolve_precision(exp["precision"], device), channels_last=device.type != "mps",
-                      compile=resolve_compile(exp["compile"], device))
+                      compile=resolve_compile(exp["compile"]))
+    if runtime.compile and distributed.world_size() > 1 and not distributed.spreads_runs():
+        raise UserError("experiment.compile with --parallel data (DDP over several processes) is not tested yet: "
+                        "use --parallel runs, or set experiment.compile to false")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed image and batch sizes: pick the fastest kernels
     teacher_file = read_weights_file(teacher_cfg["checkpoint"]) if teacher_cfg["checkpoint"] else None
     teacher_meta = teacher_file[1] if teacher_file else None

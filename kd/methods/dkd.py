@@ -79,4 +79,11 @@ DKD_SETTINGS = {"ce_weight": NON_NEGATIVE, "tckd_weight": NON_NEGATIVE, "nckd_we
 register(Method("DKD", DKD, DKD_SETTINGS,
                 idea="Zhao et al. (CVPR 2022): KD split into a target-class and a non-target-class term, weighted "
                      "separately, with a warm-up of the distillation weight.", **WARMUP_DECLARATION,
-                search_space={"nckd_weight": Range(1.0, 64.0, log=True), "temperature": Range(1.0, 8.0)}))
+                search_space={"nckd_weight": Range(1.0, 64.0, log=True), "temperature": Range(1.0, 8.0)},
+                # beta of mdistiller's configs/cifar100/dkd/<pair>.yaml (8, the default, for the other pairs)
+                table_pairs={("resnet56", "resnet20"): {"nckd_weight": 2.0},
+                             ("resnet110", "resnet32"): {"nckd_weight": 2.0},
+                             ("wrn_40_2", "wrn_16_2"): {"nckd_weight": 6.0},
+                             ("wrn_40_2", "wrn_40_1"): {"nckd_weight": 6.0},
+                             ("vgg13", "vgg8"): {"nckd_weight": 6.0},
+                             ("vgg13", "MobileNetV2"): {"nckd_weight": 6.0}}))

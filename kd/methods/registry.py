@@ -49,6 +49,9 @@ class Method:
     epoch_shares: Mapping[str, EpochShare] = field(default_factory=dict)
     # setting -> the range `--tune` searches (TUNE_CONFIG["spaces"] may replace it); empty: nothing to tune
     search_space: Mapping[str, Range] = field(default_factory=dict)
+    # (teacher, student) of the CIFAR zoo -> the settings the published CIFAR-100 tables used for that pair where
+    # they differ from the defaults; `--preset cifar100` sets them wherever the user leaves them unset
+    table_pairs: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
 
     def resolve(self, settings: Mapping[str, Any], epochs: int) -> dict[str, Any]:
         """The settings the Distiller gets for a run of `epochs`: an unset epoch share becomes its epochs."""
@@ -81,10 +84,12 @@ class Registry(dict[str, Method]):
             raise TypeError(f"{method.name}: every setting needs a rule and a keyword-only argument of "
                             f"{method.distiller.__name__}; without a rule: {', '.join(without_rule) or '-'}; "
                             f"not an argument: {', '.join(without_argument) or '-'}")
-        undeclared = [name for name in (*method.epoch_shares, *method.search_space) if name not in method.settings]
+        paired = [name for settings in method.table_pairs.values() for name in settings]
+        undeclared = [name for name in (*method.epoch_shares, *method.search_space, *paired)
+                      if name not in method.settings]
         if undeclared:
-            raise TypeError(f"{method.name}: its epoch_shares or search_space name settings it does not have: "
-                            f"{', '.join(undeclared)}")
+            raise TypeError(f"{method.name}: its epoch_shares, search_space or table_pairs name settings it does "
+                            f"not have: {', '.join(undeclared)}")
         for name, searched in method.search_space.items():
             if searched.problem():
                 raise TypeError(f"{method.name}: the search range of {name} cannot be searched: {searched.problem()}")

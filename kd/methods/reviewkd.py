@@ -129,4 +129,7 @@ register(Method(
     idea="Chen et al. (CVPR 2021): attention-based fusion modules combine each student stage with the deeper "
          "ones and match the result to the teacher's same stage.",
     **WARMUP_DECLARATION,
-    search_space={"beta": Range(0.5, 50.0, log=True)}))
+    search_space={"beta": Range(0.5, 50.0, log=True)},
+    # --kd-loss-weight of the ReviewKD repository's CIFAR-100/script/reviewKD.sh (5, the default, elsewhere)
+    table_pairs={("resnet56", "resnet20"): {"beta": 0.6}, ("resnet110", "resnet32"): {"beta": 1.0},
+                 ("resnet32x4", "ShuffleV2"): {"beta": 8.0}}))
