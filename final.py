@@ -79,6 +79,14 @@ METHODS_CONFIG = {
     "KD_LS": {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0, "standardize": True},
     "DKD_LS": {"ce_weight": 1.0, "tckd_weight": 9.0, "nckd_weight": 72.0, "temperature": 2.0, "warmup_epochs": None,
                "standardize": True},
+    # 2023-2024 (each method's file cites the authors' files these come from)
+    "WTTM": {"gamma": 0.2, "ce_weight": 1.0, "wttm_weight": 4.0},
+    # reversal_epochs None: the CTKD authors' 10 of 240 epochs as the same share of this run
+    "CTKD": {"ce_weight": 0.1, "kd_weight": 0.9, "standardize": False, "temperature_min": 1.0,
+             "temperature_span": 20.0, "reversal_max": 1.0, "reversal_epochs": None},
+    "CTKD_DKD": {"ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": None, "standardize": False,
+                 "temperature_min": 1.0, "temperature_span": 20.0, "reversal_max": 1.0, "reversal_epochs": None},
+    "NormKD": {"t_norm": 2.0, "ce_weight": 0.1, "kd_weight": 0.9},
 }
 
 EXPERIMENT_CONFIG = {

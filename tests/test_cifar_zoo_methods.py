@@ -54,7 +54,7 @@ def teachers():
 
 def test_the_pairs_are_zoo_models_and_every_method_is_covered():
     assert all(t in CIFAR_MODELS and s in CIFAR_MODELS for t, s in PAIRS)
-    assert len(CASES) == 7 * 15 == len(PAIRS) * len(METHODS)
+    assert len(CASES) == 7 * 19 == len(PAIRS) * len(METHODS)
     assert set(CLASSIFIER) == {s for _, s in PAIRS}
 
 

@@ -19,8 +19,10 @@ def two_seed_records(module_dir, make_image_folder):
     # 24 images: whole batches of 8. With 18 the last batch holds 2 images, whose BatchNorm statistics at
     # layer4's 1x1 make features ~1e8, and SP's and PKT's students turn non-finite (recorded as failed)
     make_image_folder(base / "data", per_class={"train": 8, "val": 2})
+    # The teacher's lr 0.01: after one epoch at 0.1 its eval-mode BatchNorm statistics lag its weights and its
+    # logits reach ~1e8, and NormKD's loss, which grows with the square of their spread, is no longer finite
     config = final.default_config()
-    config["teacher"].update(model="ResNet18", epochs=1, batch_size=8)
+    config["teacher"].update(model="ResNet18", epochs=1, batch_size=8, lr=0.01)
     config["student"].update(epochs=1, batch_size=8)
     config["experiment"].update(data_dir=str(base / "data"), methods=list(METHODS), seeds=[0, 1],
                                 image_size=8, device="cpu", precision="fp32", num_workers=0,

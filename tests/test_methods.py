@@ -36,6 +36,10 @@ EXPECTED_KEYS = {
     "PKT": {"loss_ce", "loss_pkt"},
     "KD_LS": {"loss_ce", "loss_kd"},
     "DKD_LS": {"loss_ce", "loss_dkd"},
+    "WTTM": {"loss_ce", "loss_wttm"},
+    "CTKD": {"loss_ce", "loss_kd"},
+    "CTKD_DKD": {"loss_ce", "loss_dkd"},
+    "NormKD": {"loss_ce", "loss_normkd"},
 }
 TRAIN_LABELS = torch.arange(12) % 3  # a training set of 12 images (CRD's memory and negatives)
 

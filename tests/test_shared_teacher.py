@@ -1,7 +1,7 @@
 """Training the teacher-based methods together (one teacher forward per batch) changes nothing in the
 results: same seed, same records as training them one by one (methods of every kind: logits, stage maps,
 pooled features with CRD's memory banks, ReviewKD's pre-activations, the warm-ups of DKD and ReviewKD); only
-the teacher's work is done once, for all twelve teacher-based methods, whose hooks all fill from that forward."""
+the teacher's work is done once, for all sixteen teacher-based methods, whose hooks all fill from that forward."""
 from __future__ import annotations
 
 import math
@@ -68,7 +68,7 @@ def test_teacher_runs_once_per_batch_for_all_methods_together(tmp_path, make_ima
     settings = final.default_config()["methods"]
     settings["CRD"].update(nce_k=CRD_NCE_K)
     monkeypatch.setattr(run, "_save", lambda *args: None)  # no checkpoints: not what is counted here
-    assert len(ALL_TEACHER_BASED) == 12
+    assert len(ALL_TEACHER_BASED) == 16
     jobs = []
     for name in ALL_TEACHER_BASED:
         distiller = METHODS[name].distiller(build_resnet("ResNet18", 3, "cifar"), teacher,
