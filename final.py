@@ -146,10 +146,15 @@ TUNE_CONFIG = {
 # BatchNorm statistics are stable; at 1x1 the teacher's gradients explode.
 # AT's loss is a mean over attention-map positions, so it grows as maps shrink: beta=1000 was set for
 # CIFAR's 32 px; at 12 px the same strength is 1000 * (12/32)^2 ~ 140 (with 1000: 0.70 val after 4 epochs).
+# The CIFAR-100 weights of DKD's non-target term (β 8) and of WTTM's and NormKD's losses are too strong for 10
+# classes in 4 epochs: measured on the digits (Zen 5, seed 0), DKD 0.14 val accuracy, CTKD_DKD 0.85, WTTM 0.54,
+# NormKD 0.87; with β 2 (the tables' value for their small pairs), WTTM's weight 1 and NormKD's 0.5: 0.98, 0.99,
+# 0.98 and 0.94.
 DEMO_PRESET = {
     "teacher": {"epochs": 6, "lr": 0.05, "scheduler": "onecycle", "warmup_epochs": 1, "zero_init_residual": True},
     "student": {"epochs": 4, "scheduler": "onecycle"},
-    "methods": {"AT": {"beta": 140.0}},
+    "methods": {"AT": {"beta": 140.0}, "DKD": {"nckd_weight": 2.0}, "CTKD_DKD": {"nckd_weight": 2.0},
+                "WTTM": {"wttm_weight": 1.0}, "NormKD": {"kd_weight": 0.5}},
     "experiment": {"data_dir": "data/digits", "hflip": False, "image_size": 12},
     # --demo --tune: 3 trials a study and 2 final seeds keep it near the plain demo's time; in 4 epochs the
     # first one (the one-cycle warm-up) says little, so the pruner first compares trials after 2
@@ -194,15 +199,19 @@ def default_config(preset: str | None = None) -> dict:
 
 
 def upgrade(stored: dict) -> dict:
-    """The config of an experiment begun by an earlier version (read back to --resume it), with the sections and
-    keys added since at their defaults, each of which keeps what that version did (no tuning, no preset, no
-    compiling), so that it compares equal to the config that continues it."""
+    """The config of an experiment begun by an earlier version (read back to --resume it), with the sections,
+    keys and methods added since at their defaults, each of which keeps what that version did (no tuning, no
+    preset, no compiling; a new method is not among its runs), so that it compares equal to the config that
+    continues it."""
     config = copy.deepcopy(stored)
     for section, defaults in default_config().items():
         config.setdefault(section, {})
-        entries = defaults.items() if section != "methods" else ()
-        for key, value in entries:
-            config[section].setdefault(key, value)
+        for key, value in defaults.items():
+            if section == "methods":  # a method registered since, or a setting a method gained since
+                for setting, default in value.items():
+                    config["methods"].setdefault(key, {}).setdefault(setting, default)
+            else:
+                config[section].setdefault(key, value)
     return config
 
 

@@ -231,8 +231,9 @@ def test_resume_keeps_the_precision_it_started_in(tmp_path, make_image_folder, m
 
 
 def test_resume_an_experiment_begun_before_the_newer_keys(tmp_path, make_image_folder, monkeypatch):
-    """A folder written before tuning, CIFAR, presets and compiling existed (no tune section, none of their
-    experiment keys) resumes, with the records of an uninterrupted experiment."""
+    """A folder written before tuning, CIFAR, presets, compiling and the 2023-2024 methods existed (no tune
+    section, none of their experiment keys, no entries for those methods) resumes, with the records of an
+    uninterrupted experiment."""
     data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
     argv = [*_argv(tmp_path / "whole", data), *CHEAP]
     assert run_experiment.cli(argv) == 0
@@ -245,6 +246,8 @@ def test_resume_an_experiment_begun_before_the_newer_keys(tmp_path, make_image_f
     del summary["config"]["tune"]
     for key in ("tune", "cifar_val_images", "preset", "compile"):
         del summary["config"]["experiment"][key]
+    for method in ("WTTM", "CTKD", "CTKD_DKD", "NormKD"):
+        del summary["config"]["methods"][method]
     summary_file.write_text(json.dumps(summary))
     assert run_experiment.cli([*argv, "--resume"]) == 0
     assert _essentials(_records(tmp_path / "stopped")) == expected
