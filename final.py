@@ -198,23 +198,6 @@ def default_config(preset: str | None = None) -> dict:
     return merge(config, copy.deepcopy(PRESETS[preset])) if preset else config
 
 
-def upgrade(stored: dict) -> dict:
-    """The config of an experiment begun by an earlier version (read back to --resume it), with the sections,
-    keys and methods added since at their defaults, each of which keeps what that version did (no tuning, no
-    preset, no compiling; a new method is not among its runs), so that it compares equal to the config that
-    continues it."""
-    config = copy.deepcopy(stored)
-    for section, defaults in default_config().items():
-        config.setdefault(section, {})
-        for key, value in defaults.items():
-            if section == "methods":  # a method registered since, or a setting a method gained since
-                for setting, default in value.items():
-                    config["methods"].setdefault(key, {}).setdefault(setting, default)
-            else:
-                config[section].setdefault(key, value)
-    return config
-
-
 def create_teacher_config(**overrides) -> dict:
     return validate_section("teacher", {**TEACHER_CONFIG, **overrides})
 

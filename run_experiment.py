@@ -148,9 +148,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
     config = config_from_args(args)
     resume = None
     if args.resume is not None:  # continue with the stored settings; given flags must not change them
-        from kd.experiment.resume import find_unfinished
+        from kd.experiment.resume import find_unfinished, upgrade
         resume = find_unfinished(Path(config["experiment"]["logs_dir"]), args.resume)
-        resume[2]["config"] = final.upgrade(resume[2]["config"])  # begun by an earlier version: the keys added since
+        # begun by an earlier version: the keys added since
+        resume[2]["config"] = upgrade(resume[2]["config"], final.default_config())
         config = config_from_args(args, base=resume[2]["config"])
     return final.main(config, check_only=args.check, resume=resume)
 

@@ -1,6 +1,7 @@
 """Finding an unfinished experiment and checking that it may be continued with the given settings."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -32,6 +33,23 @@ def find_unfinished(logs_dir: Path, which: str | None) -> tuple[Path, list[RunRe
                 return exp_dir, records, summary
     raise UserError(f"--resume: no unfinished experiment in '{logs_dir}'; start a new one without --resume "
                     "(or name the folder: --resume logs/final_experiment_...)")
+
+
+def upgrade(stored: dict, defaults: dict) -> dict:
+    """The config of an experiment begun by an earlier version (read back to --resume it), with the sections,
+    keys and methods added since at their `defaults`, each of which keeps what that version did (no tuning, no
+    preset, no compiling; a new method is not among its runs), so that it compares equal to the config that
+    continues it."""
+    config = copy.deepcopy(stored)
+    for section, values in defaults.items():
+        config.setdefault(section, {})
+        for key, value in values.items():
+            if section == "methods":  # a method registered since, or a setting a method gained since
+                for setting, default in value.items():
+                    config["methods"].setdefault(key, {}).setdefault(setting, default)
+            else:
+                config[section].setdefault(key, value)
+    return config
 
 
 def first_difference(stored: dict, current: dict, path: str = "") -> str | None:
