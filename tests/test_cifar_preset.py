@@ -58,7 +58,7 @@ def test_every_method_runs_under_the_preset_on_zoo_models(tmp_path, capsys):
     assert code == 0, out
     folder = _folder(tmp_path)
     records = json.loads((folder / "comparison_results.json").read_text())
-    assert sorted(r["method"] for r in records) == sorted(["Teacher", *METHODS]) and len(METHODS) == 15
+    assert sorted(r["method"] for r in records) == sorted(["Teacher", *METHODS]) and len(METHODS) == 19
     assert {r["method"]: r["status"] for r in records} == {m: "ok" for m in ["Teacher", *METHODS]}
     assert all(r["epochs"] == 1 for r in records)
 
@@ -93,7 +93,7 @@ def test_check_shows_the_pairs_settings_and_the_users_own(tmp_path, capsys, one_
     pair = ["--set", "teacher.model=resnet56", "--set", "student.model=resnet20"]
     told = describe_pair_settings(_config("--preset", "cifar100", *pair))
     assert told == ("preset cifar100: the tables' settings for resnet56 -> resnet20: methods.DKD.nckd_weight 2.0, "
-                    "methods.ReviewKD.beta 0.6")
+                    "methods.ReviewKD.beta 0.6, methods.CTKD_DKD.nckd_weight 2.0")
     code = run_experiment.cli(["--preset", "cifar100", "--data", f"cifar100:{root}", "--check", "--methods", "DKD",
                                *TINY, *pair, "--set", "methods.DKD.nckd_weight=3",
                                "--batch-size", "2"])  # the estimate's timed steps: cheaper
@@ -101,7 +101,8 @@ def test_check_shows_the_pairs_settings_and_the_users_own(tmp_path, capsys, one_
     assert code == 0, out
     lines = [line for line in out.splitlines() if line.startswith("preset cifar100:")]
     assert lines == [("preset cifar100: the tables' settings for resnet56 -> resnet20: "
-                      "methods.DKD.nckd_weight 2.0 (you set 3), methods.ReviewKD.beta 0.6")]
+                      "methods.DKD.nckd_weight 2.0 (you set 3), methods.ReviewKD.beta 0.6, "
+                      "methods.CTKD_DKD.nckd_weight 2.0")]
     assert not (tmp_path / "logs").exists()
 
 
