@@ -579,7 +579,7 @@ def test_default_methods_are_still_the_six():
     assert set(final.METHODS_CONFIG) == set(ALL_METHODS)
 
 
-def test_check_with_all_methods_plans_all_fifteen(tmp_path, make_image_folder, capsys):
+def test_check_with_all_methods_plans_every_method(tmp_path, make_image_folder, capsys):
     data = make_image_folder(tmp_path / "data", per_class={"train": 4, "val": 2})
     code = run_experiment.cli(["--data", str(data), "--methods", "all", "--check", "--device", "cpu",
                                "--precision", "fp32", "--batch-size", "4", "--teacher-epochs", "1",
