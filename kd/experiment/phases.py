@@ -17,7 +17,7 @@ from kd.experiment.plan import describe_plan, groups_to_train
 from kd.experiment.resume import first_difference, kept_precision
 from kd.experiment.runs import Teacher, run_methods
 from kd.experiment.setup import Setup
-from kd.experiment.sweep import Unit, queue_described, stop_on_sigterm, train_spread
+from kd.experiment.sweep import StoppedByTorchrun, Unit, queue_described, stop_on_sigterm, train_spread
 from kd.experiment.teacher import TeacherSource, find_teacher, obtain_teacher
 from kd.results.files import ExperimentFolder, create_experiment_dir, experiment_summary, write_records, write_results
 from kd.results.record import TEACHER, RunRecord, run_name
@@ -171,7 +171,7 @@ def train(progress: Progress, plan: Plan) -> None:
     tune_first = (lambda teacher: _tune(progress, teacher)) if setup.config["experiment"]["tune"] else None
     try:
         if distributed.spreads_runs():
-            stop_on_sigterm()
+            stop_on_sigterm(progress.resume_hint)
             train_spread(setup, plan.teacher, plan.units, folder, progress.resume_hint, progress.teacher_done,
                          progress.unit_done, plan.times, progress.records, tune_first)
             return
@@ -182,8 +182,9 @@ def train(progress: Progress, plan: Plan) -> None:
         for group in groups_to_train(setup, progress.records):  # runs finished before a stop are kept
             progress.records.extend(run_methods(group.methods, group.seed, setup, teacher, folder, group.variant))
             progress.runs_done([run_name(method, group.variant) for method in group.methods], group.seed)
-    except KeyboardInterrupt:
-        log.error("Interrupted. %s", progress.resume_hint)
+    except KeyboardInterrupt as interruption:
+        if not isinstance(interruption, StoppedByTorchrun):  # that one told the hint as it came
+            log.error("Interrupted. %s", progress.resume_hint)
         raise
 
 

@@ -238,12 +238,18 @@ def train_spread(setup: Setup, source: TeacherSource | None, units: list[Unit] |
     watch.stop()
 
 
-def stop_on_sigterm() -> None:
+class StoppedByTorchrun(KeyboardInterrupt):
+    """An interruption whose resume hint was told as it came: torchrun kills the process (SIGKILL) if it does
+    not end soon after its SIGTERM, which may be before the interruption reaches the code that tells it."""
+
+
+def stop_on_sigterm(resume_hint: str) -> None:
     """torchrun stops the other processes with SIGTERM when one fails: on rank 0 that is an interruption,
-    which says where the finished runs are and how to continue (the others end silently)."""
+    which says at once where the finished runs are and how to continue (the others end silently)."""
     def stopped(_signum: int, _frame) -> None:
-        log.error("Stopped by torchrun: another process of this job ended (torchrun's report below names it)")
-        raise KeyboardInterrupt
+        log.error("Stopped by torchrun: another process of this job ended (torchrun's report below names it). %s",
+                  resume_hint)
+        raise StoppedByTorchrun
 
     if distributed.job_rank() == 0:
         signal.signal(signal.SIGTERM, stopped)
