@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.cifar.initialise import init_as_crd
+
 # (expansion, output channels at width 1, blocks, stride of the first block); None stands for the model's T.
 SETTINGS: tuple[tuple[int | None, int, int, int], ...] = (
     (1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -67,16 +69,7 @@ class MobileNetV2(nn.Module):
         # and also serves larger inputs.
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
-        # CRD's init: He-normal convs (fan-out), unit BN, small-normal classifier with zero bias.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_as_crd(self, classifier="small_normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2(self.blocks(self.conv1(x)))

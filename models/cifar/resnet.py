@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.cifar.initialise import init_as_crd
+
 THIN = (16, 16, 32, 64)     # stem, stage 1, stage 2, stage 3 widths
 WIDE = (32, 64, 128, 256)   # the "x4" models
 
@@ -64,13 +66,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        # CRD's init (the Linear keeps PyTorch's default).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_as_crd(self, classifier="library")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

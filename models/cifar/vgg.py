@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.cifar.initialise import init_as_crd
+
 # Conv widths of the five blocks; a 2x2 max-pool follows each of the first four.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -40,17 +42,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(config[-1][-1], num_classes)
 
-        # CRD's init: He-normal convs (fan-out) with zero bias, unit BN, small-normal classifier.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_as_crd(self, classifier="small_normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CRD's models skip pool3 on 32 px inputs, so block4 runs on the 4x4 map (their CIFAR checkpoints were

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.cifar.initialise import init_as_crd
+
 
 class WideBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv twice, plus a shortcut (no dropout: CRD trains these without it)."""
@@ -66,15 +68,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        # CRD's init: He-normal convs (fan-out), unit BN, zero Linear bias (its weight keeps PyTorch's default).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_as_crd(self, classifier="zero_bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
