@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -17,22 +17,18 @@ import run_experiment
 from conftest import make_image_array
 from kd.data.cifar import cifar_name, load_cifar
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from cifar import write_cifar100 as write_cifar_files  # noqa: E402  bench/cifar.py's writer of the format
+
 CLASSES = ["apple", "bee", "cat", "dog"]
 
 
 def write_cifar100(root: Path, train_per_class: int = 12, test_per_class: int = 3) -> Path:
     """A tiny file in CIFAR-100's python format (not the official one): learnable 32 px classes."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        labels = [k for k in range(len(CLASSES)) for _ in range(count)]
-        data = np.stack([make_image_array(k, 32, rng).transpose(2, 0, 1).reshape(-1) for k in labels])
-        with open(folder / split, "wb") as file:
-            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels)}, file)
-    with open(folder / "meta", "wb") as file:
-        pickle.dump({"fine_label_names": CLASSES, "coarse_label_names": ["all"]}, file)
-    return root
+    labels = {split: [k for k in range(len(CLASSES)) for _ in range(count)]
+              for split, count in (("train", train_per_class), ("test", test_per_class))}
+    return write_cifar_files(root, labels, lambda k: make_image_array(k, 32, rng), CLASSES)
 
 
 def test_names():

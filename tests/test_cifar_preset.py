@@ -242,13 +242,20 @@ def _published_teacher(path: Path, root: Path) -> torch.nn.Module:
     return model
 
 
-def test_a_published_teacher_checkpoint_is_used_as_it_is(tmp_path, capsys, one_thread):
+def _run_with_published_teacher(tmp_path: Path, teacher_model: str) -> tuple[int, Path, Path]:
+    """(exit code, data root, checkpoint) of a KD run under the preset whose teacher is a published-layout file
+    of a resnet8, read as `teacher_model`."""
     root = write_cifar100(tmp_path / "c100")
     path = tmp_path / "ckpt_epoch_240.pth"
     _published_teacher(path, root)
     code = run_experiment.cli(["--preset", "cifar100", "--data", f"cifar100:{root}", "--methods", "KD",
                                "--teacher-checkpoint", str(path), "--teacher-epochs", "0", "--student-epochs", "1",
-                               *TINY, "--set", "teacher.model=resnet8", "--set", "student.model=resnet8"])
+                               *TINY, "--set", f"teacher.model={teacher_model}", "--set", "student.model=resnet8"])
+    return code, root, path
+
+
+def test_a_published_teacher_checkpoint_is_used_as_it_is(tmp_path, capsys, one_thread):
+    code, root, path = _run_with_published_teacher(tmp_path, "resnet8")
     out = capsys.readouterr().out
     assert code == 0, out
     records = {r["method"]: r for r in json.loads((_folder(tmp_path) / "comparison_results.json").read_text())}
@@ -282,12 +289,7 @@ def test_a_published_teacher_checkpoint_is_used_as_it_is(tmp_path, capsys, one_t
 
 
 def test_a_published_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, one_thread):
-    root = write_cifar100(tmp_path / "c100")
-    path = tmp_path / "ckpt_epoch_240.pth"
-    _published_teacher(path, root)
-    code = run_experiment.cli(["--preset", "cifar100", "--data", f"cifar100:{root}", "--methods", "KD",
-                               "--teacher-checkpoint", str(path), "--teacher-epochs", "0", "--student-epochs", "1",
-                               *TINY, "--set", "teacher.model=resnet14", "--set", "student.model=resnet8"])
+    code, _, path = _run_with_published_teacher(tmp_path, "resnet14")
     line = _error_line(capsys.readouterr().err)
     assert code == 2
     # resnet14 has two blocks per stage, resnet8 one: the file lacks the second ones
