@@ -52,17 +52,20 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 class LossWarmup:
     """A Distiller mixin: the distillation term's weight `self.warmup` rises linearly over `warmup_epochs`
-    (DKD, ReviewKD; CE is not warmed up). The weight goes to the history and TensorBoard under
-    `warmup_name`, the warm-up's length to the record (the value used, also when METHODS_CONFIG left it unset)."""
+    (DKD, ReviewKD, CTKD_DKD; CE is not warmed up). The weight goes to the history and TensorBoard under
+    `warmup_name`, the warm-up's length to the record (the value used, also when METHODS_CONFIG left it unset).
+    Each hook adds to the next class's in the method resolution order, so the warm-up combines with another
+    per-epoch schedule (CTKD_DKD's temperature curriculum)."""
     warmup_name: str
     warmup_epochs: int
     warmup: float = 1.0
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
+        super().start_epoch(epoch, epochs)
         self.warmup = warmup_factor(epoch, self.warmup_epochs)
 
     def loss_weights(self) -> dict[str, float]:
-        return {self.warmup_name: self.warmup}
+        return {self.warmup_name: self.warmup, **super().loss_weights()}
 
     def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        return {"warmup_epochs": self.warmup_epochs}
+        return {"warmup_epochs": self.warmup_epochs, **super().record_extras(history, best_epoch)}

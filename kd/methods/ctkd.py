@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.methods.base import Distiller
-from kd.methods.common import WARMUP_DECLARATION, kd_loss, warmup_factor
+from kd.methods.common import WARMUP_DECLARATION, LossWarmup, kd_loss
 from kd.methods.dkd import DKD_SETTINGS, dkd_loss
 from kd.methods.kd import KD_SETTINGS
 from kd.methods.registry import METHODS, EpochShare, Method, register
@@ -83,16 +83,18 @@ class CurriculumTemperature(Distiller):
         return self.temperature_min + self.temperature_span * torch.sigmoid(raw)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
+        super().start_epoch(epoch, epochs)
         self.reversal = reversal_strength(epoch, self.reversal_epochs, self.reversal_max)
 
     def loss_weights(self) -> dict[str, float]:
         # the trainer asks at the epoch's start: the history and TensorBoard get the temperature each epoch
         # starts with (that of the previous epoch's end; the first entry is the initial T)
         with torch.no_grad():
-            return {"temperature": self.temperature().item(), "reversal": self.reversal}
+            return {**super().loss_weights(), "temperature": self.temperature().item(), "reversal": self.reversal}
 
     def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        return {"reversal_epochs": self.reversal_epochs, "final_temperature": self.loss_weights()["temperature"]}
+        return {**super().record_extras(history, best_epoch), "reversal_epochs": self.reversal_epochs,
+                "final_temperature": self.loss_weights()["temperature"]}
 
 
 class CTKD(CurriculumTemperature):
@@ -112,9 +114,10 @@ class CTKD(CurriculumTemperature):
         }
 
 
-class CTKD_DKD(CurriculumTemperature):
+class CTKD_DKD(LossWarmup, CurriculumTemperature):
     """DKD with the curriculum temperature, DKD's loss warm-up kept: against DKD only the temperature differs
     (the authors' DKD runs have no warm-up: `warmup_epochs=0`)."""
+    warmup_name = "dkd"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, ce_weight: float, tckd_weight: float,
                  nckd_weight: float, warmup_epochs: int, standardize: bool, temperature_min: float,
@@ -122,17 +125,6 @@ class CTKD_DKD(CurriculumTemperature):
         super().__init__(student, teacher, temperature_min, temperature_span, reversal_max, reversal_epochs)
         self.ce_weight, self.tckd_weight, self.nckd_weight = ce_weight, tckd_weight, nckd_weight
         self.warmup_epochs, self.standardize = warmup_epochs, standardize
-        self.warmup = warmup_factor(0, warmup_epochs)
-
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        super().start_epoch(epoch, epochs)
-        self.warmup = warmup_factor(epoch, self.warmup_epochs)
-
-    def loss_weights(self) -> dict[str, float]:
-        return {"dkd": self.warmup, **super().loss_weights()}
-
-    def record_extras(self, history: list[dict], best_epoch: int) -> dict:
-        return {"warmup_epochs": self.warmup_epochs, **super().record_extras(history, best_epoch)}
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
