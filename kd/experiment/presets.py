@@ -6,19 +6,21 @@ from __future__ import annotations
 from kd.errors import UserError
 from kd.methods import METHODS
 from models import ModelError, resolve_name
-from models.builders import CIFAR_PREFIX
+from models.builders import CIFAR_PREFIX, torchvision_names
+from models.cifar import CIFAR_MODELS
 
 # trained at lr 0.01 instead of 0.05, as teachers and as students (RepDistiller's train_teacher.py and
 # train_student.py; mdistiller's configs/cifar100/dkd/*_shuv1.yaml, *_shuv2.yaml and *_mv2.yaml)
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-SHARED_NAMES = ("vgg11", "vgg13", "vgg16", "vgg19")  # torchvision's and the tables' models alike
 SMALL_LR = 0.01
 
 
 def table_model(name: str) -> str:
-    """A model name as the tables mean it: the VGGs' bare names are torchvision's ImageNet models elsewhere, the
-    zoo's under the preset."""
-    return f"{CIFAR_PREFIX}{name}" if str(name).lower() in SHARED_NAMES else name
+    """A model name as the tables mean it: a bare name both torchvision and the zoo have (the VGGs) is
+    torchvision's ImageNet model elsewhere, the zoo's under the preset."""
+    lowered = str(name).lower()
+    shared = lowered in torchvision_names() and lowered in (model.lower() for model in CIFAR_MODELS)
+    return f"{CIFAR_PREFIX}{name}" if shared else name
 
 
 def use_table_models(config: dict) -> None:
