@@ -87,6 +87,7 @@ METHODS_CONFIG = {
     "CTKD_DKD": {"ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": None, "standardize": False,
                  "temperature_min": 1.0, "temperature_span": 20.0, "reversal_max": 1.0, "reversal_epochs": None},
     "NormKD": {"t_norm": 2.0, "ce_weight": 0.1, "kd_weight": 0.9},
+    "MLKD": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},  # trains on a weak and a strong view
 }
 
 EXPERIMENT_CONFIG = {

@@ -206,7 +206,7 @@ def test_auto_size_shorter_side_and_upper_clamp(tmp_path):
 
 def _epoch(data, seed, epoch, batch_size=8):
     batches = list(data.train_batches(seed, epoch, batch_size, CPU, channels_last=False))
-    return torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches])
+    return torch.cat([x for x, _, _, _ in batches]), torch.cat([y for _, y, _, _ in batches])
 
 
 def test_train_batches_repeat_per_seed_and_epoch(image_folder):
@@ -229,7 +229,7 @@ def test_train_batches_name_each_image_by_its_position_in_the_train_split(image_
         data = load_image_data(image_folder, 8, hflip=False, num_workers=0, cache_max_gb=cache_max_gb)
         train = data.splits["train"]
         seen = []
-        for _, labels, indices in data.train_batches(0, 0, 4, CPU, channels_last=False):
+        for _, labels, indices, _ in data.train_batches(0, 0, 4, CPU, channels_last=False):
             assert torch.equal(labels, train.labels[indices])
             seen += indices.tolist()
         assert sorted(seen) == list(range(len(train)))
@@ -354,7 +354,7 @@ def test_schedule_and_loader_agree_on_every_size(monkeypatch, world):
         for n in range(2 * world, 41):
             data = _tensor_data(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 2)
             for batch_size in (1, 2, 3, 4, 8, 32):
-                sizes = [len(labels) for _, labels, _ in data.train_batches(0, 0, batch_size, CPU, False)]
+                sizes = [len(labels) for _, labels, _, _ in data.train_batches(0, 0, batch_size, CPU, False)]
                 assert len(sizes) == data.steps_per_epoch(batch_size), (n, batch_size, world, rank)
                 assert sum(sizes) == data.epoch_images(batch_size)
                 assert batch_size == 1 or 1 not in sizes  # never a batch of one for BatchNorm

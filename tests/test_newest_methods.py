@@ -1,9 +1,12 @@
-"""The methods of 2023-2024 (WTTM, CTKD, CTKD_DKD, NormKD) in a run: trained together from one start on one
-teacher, finite losses, CTKD's learned temperature per epoch in the history, the record and TensorBoard, and
-plain ResNet18 students. Their pure losses are checked in test_losses_wttm_normkd.py and test_losses_ctkd.py.
+"""The methods of 2023-2024 (WTTM, CTKD, CTKD_DKD, NormKD, MLKD) in a run: trained together from one start on one
+teacher, finite losses, CTKD's learned temperature per epoch in the history, the record and TensorBoard, MLKD's
+two views in the plan and report, and plain ResNet18 students. Their pure losses are checked in
+test_losses_wttm_normkd.py, test_losses_ctkd.py and test_losses_mlkd.py (OFA: test_ofa.py).
 Tiny models and images: seconds on a 2-core CPU."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -16,23 +19,26 @@ from models import build_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
-NEWEST = ("WTTM", "CTKD", "CTKD_DKD", "NormKD")
+NEWEST = ("WTTM", "CTKD", "CTKD_DKD", "NormKD", "MLKD")
 LOSS_KEYS = {"WTTM": {"loss_ce", "loss_wttm"}, "CTKD": {"loss_ce", "loss_kd"}, "CTKD_DKD": {"loss_ce", "loss_dkd"},
-             "NormKD": {"loss_ce", "loss_normkd"}}
+             "NormKD": {"loss_ce", "loss_normkd"}, "MLKD": {"loss_ce", "loss_kd", "loss_cc", "loss_bc"}}
 
 
 @pytest.fixture(scope="module")
 def newest_run(module_dir, make_image_folder):
-    """A ResNet18 teacher, then the four methods trained together for two epochs of two steps each."""
+    """A ResNet18 teacher, then the five methods trained together for two epochs of two steps each."""
     data = make_image_folder(module_dir / "data", per_class={"train": 3, "val": 1})
-    code = run_experiment.cli(["--data", str(data), "--methods", ",".join(NEWEST), "--teacher-epochs", "1",
-                               "--student-epochs", "2", "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
-                               "--set", "teacher.model=resnet18", "--set", "teacher.lr=0.01",
-                               "--set", "experiment.image_size=8", "--set", "experiment.num_workers=0",
-                               "--logs-dir", str(module_dir / "logs"), "--checkpoints-dir", str(module_dir / "ckpt")])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run_experiment.cli([
+            "--data", str(data), "--methods", ",".join(NEWEST), "--teacher-epochs", "1", "--student-epochs", "2",
+            "--batch-size", "4", "--device", "cpu", "--precision", "fp32", "--set", "teacher.model=resnet18",
+            "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8", "--set", "experiment.num_workers=0",
+            "--logs-dir", str(module_dir / "logs"), "--checkpoints-dir", str(module_dir / "ckpt")])
     (experiment,) = (module_dir / "logs").glob("final_experiment_*")
     records = {r["method"]: r for r in json.loads((experiment / "comparison_results.json").read_text())}
-    return {"code": code, "base": module_dir, "records": records}
+    return {"code": code, "base": module_dir, "records": records, "printed": printed.getvalue(),
+            "report": (experiment / "report.md").read_text()}
 
 
 def test_the_newest_methods_train_together_with_finite_losses(newest_run):
@@ -72,3 +78,8 @@ def test_the_newest_methods_save_plain_resnet18_students(newest_run):
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         assert not any("temperature" in key for key in state)
         model.load_state_dict(state, strict=True)
+
+
+def test_the_plan_and_the_report_say_that_mlkd_sees_two_views(newest_run):
+    assert "MLKD trains on two views of each image" in newest_run["printed"]
+    assert "two views of each image" in newest_run["report"]

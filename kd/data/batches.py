@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from kd.data.strong_view import rand_augment
 from kd.engine import distributed
 from kd.errors import UserError
 
@@ -66,9 +67,10 @@ class ImageData:
     def __post_init__(self) -> None:
         self.counts = {name: len(split) for name, split in self.splits.items()}
 
-    def epoch_generator(self, seed: int, epoch: int) -> torch.Generator:
-        # One generator per (seed, epoch): the data order and augmentation do not depend on the method.
-        return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    def epoch_generator(self, seed: int, epoch: int, view: int = 0) -> torch.Generator:
+        # One generator per (seed, epoch): the data order and augmentation do not depend on the method. A second
+        # view's stream (view 1) lies far from every (seed, epoch) of the first's.
+        return torch.Generator().manual_seed(seed * 1_000_003 + epoch + view * 2 ** 48)
 
     def keep_on(self, device: torch.device, budget: float = 0.25) -> bool:
         """Move the decoded images to a GPU once when they take at most `budget` of its free memory, so
@@ -93,23 +95,34 @@ class ImageData:
     def steps_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.epoch_images(batch_size) / batch_size)
 
-    def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device,
-                      channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """This epoch's (images, labels, indices) batches; `indices` are the images' positions in the train
-        split (CRD's memory is kept per training image)."""
-        generator = self.epoch_generator(seed, epoch)
+    def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device, channels_last: bool,
+                      strong_view: bool = False
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This epoch's (images, labels, indices, strong view) batches; `indices` are the images' positions in the
+        train split (CRD's memory is kept per training image). With `strong_view`, the same images also come
+        strongly augmented (kd/data/strong_view.py) from a generator of their own, so the first view and the
+        order are the same with it or without; else the strong view is None."""
+        stream = (seed, epoch)
+        generator = self.epoch_generator(*stream)
         train = self.splits["train"]
         order = torch.randperm(len(train), generator=generator)
         world, rank = distributed.world_size(), distributed.rank()
         if world > 1:  # each process its own shard, all of the same length so that they step together
             order = order[:len(train) // world * world][rank::world]
-            generator = self.epoch_generator(seed * world + rank, epoch + 1_000)
+            stream = (seed * world + rank, epoch + 1_000)
+            generator = self.epoch_generator(*stream)
+        strong_generator = self.epoch_generator(*stream, view=1)
         order = order[:self.epoch_images(batch_size)]
         for start, (images, labels) in zip(range(0, len(order), batch_size),
                                            train.batches(order, batch_size, self.num_workers, device)):
-            images = self.augment(to_device(images, device), generator)
+            images = to_device(images, device)
+            strong = None
+            if strong_view:  # a crop and flip of its own, then RandAugment and Cutout
+                strong = self.normalize(rand_augment(self.augment(images, strong_generator), strong_generator),
+                                        channels_last)
             indices = to_device(order[start:start + batch_size], device)
-            yield self.normalize(images, channels_last), to_device(labels, device), indices
+            yield self.normalize(self.augment(images, generator), channels_last), to_device(labels, device), \
+                indices, strong
 
     def eval_indices(self, split: str) -> torch.Tensor:
         """This process's share of a split for evaluation (the whole split when it is alone; empty when

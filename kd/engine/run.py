@@ -137,9 +137,12 @@ class TrainingRun:
         self.stopwatch = self.runtime.stopwatch()  # this run's own steps; shared work is timed by the epoch
         self.lr = self.optimizer.param_groups[0]["lr"]
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             strong_images: torch.Tensor | None = None) -> torch.Tensor:
         self.stopwatch.start()
         batch = {"indices": indices} if self.distiller.needs_index else {}
+        if self.distiller.needs_strong_view:
+            batch["strong_images"] = strong_images
         with self.runtime.autocast():
             logits, losses = self.model(images, labels, **batch)
             loss = sum(losses.values())

@@ -76,19 +76,22 @@ def _train_epoch(runs: list[TrainingRun], data: ImageData, seed: int, epoch: int
     for run in runs:
         run.start_epoch(epoch)
     teacher_user = next((run.distiller for run in runs if run.distiller.teacher is not None), None)
+    # a two-view run's teacher forward of the strong view replaces the cached one: it steps after the others
+    runs = sorted(runs, key=lambda run: run.distiller.needs_strong_view)
+    strong_view = runs[-1].distiller.needs_strong_view
     runtime.synchronize()  # the clock starts with an idle device: no earlier work counts in this epoch
     started = time.perf_counter()
-    batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last),
+    batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last, strong_view),
                    total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
-    for step, (images, labels, indices) in enumerate(batches):
+    for step, (images, labels, indices, strong_images) in enumerate(batches):
         if first_batch is None:
             first_batch = tensor_digest(images, labels)
         if teacher_user is not None:
             with runtime.autocast():
                 teacher_user.teacher_forward(images)  # cached: each teacher-based run reuses it for this batch
-        losses = [run.step(images, labels, indices) for run in runs]
+        losses = [run.step(images, labels, indices, strong_images) for run in runs]
         if step % 10 == 0:  # .item() synchronises a GPU: refresh the bar now and then, not every step
             seen = runs[0].seen
             batches.set_postfix(loss="/".join(f"{loss.item():.3f}" for loss in losses),

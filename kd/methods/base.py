@@ -24,6 +24,9 @@ class Distiller(nn.Module):
     needs_stages: tuple[str, ...] = ()  # "student"/"teacher": models whose feature maps the method reads
     teacher_column = "None"  # the `teacher` column of methods without an external teacher
     needs_index = False  # the trainer passes each batch's positions in the train split as `indices` (CRD)
+    # the trainer passes a strongly augmented second view of each batch as `strong_images` (MLKD;
+    # kd/data/strong_view.py), drawn apart from the first view, which stays what every other method sees
+    needs_strong_view = False
     skips_parameters = False  # some epochs leave parameters untrained (FitNets' hint stage): DDP looks for them
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
