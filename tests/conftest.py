@@ -144,3 +144,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def method_inputs() -> Callable[..., dict]:
+    """The inputs a method's forward_train takes beside the images and labels, as the trainer passes them: the
+    batch's positions in the train split (CRD) and a second, strongly augmented view (MLKD; here the images
+    flipped, which any tensor of their shape could stand for)."""
+    def inputs(distiller, images: torch.Tensor, indices: torch.Tensor) -> dict:
+        extra = {"indices": indices} if distiller.needs_index else {}
+        if distiller.needs_strong_view:
+            extra["strong_images"] = images.flip(3)
+        return extra
+    return inputs

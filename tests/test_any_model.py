@@ -121,8 +121,8 @@ def test_feature_methods_are_those_that_read_the_teachers_stages():
 
 
 @pytest.mark.parametrize("teacher_name, student_name, method", CASES)
-def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teachers, one_thread, teacher_name,
-                                                                   student_name, method):
+def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teachers, one_thread, method_inputs,
+                                                                   teacher_name, student_name, method):
     teacher = teachers(teacher_name)
     torch.manual_seed(1)
     spec = _spec(student_name)
@@ -133,10 +133,10 @@ def test_method_trains_any_pair_and_saves_a_plain_library_model(tmp_path, teache
         settings["nce_k"] = CRD_NCE_K
     distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, **settings)
     distiller.attach_data(TRAIN_LABELS, 0)  # CRD's memory banks: one row per training image
-    batch = {"indices": INDICES} if distiller_cls.needs_index else {}
     start = {k: v.clone() for k, v in student.state_dict().items()}
     memory = {k: v.clone() for k, v in distiller.named_buffers() if k.startswith("memory_")}
     images, targets = torch.randn(4, 3, SIZE, SIZE), TRAIN_LABELS[INDICES]
+    batch = method_inputs(distiller, images, INDICES)
     try:
         distiller.train()
         # a small lr: at random inputs with batch statistics of 4 images, gradients can be large (shufflenet's

@@ -58,7 +58,7 @@ def test_every_method_runs_under_the_preset_on_zoo_models(tmp_path, capsys):
     assert code == 0, out
     folder = _folder(tmp_path)
     records = json.loads((folder / "comparison_results.json").read_text())
-    assert sorted(r["method"] for r in records) == sorted(["Teacher", *METHODS]) and len(METHODS) == 19
+    assert sorted(r["method"] for r in records) == sorted(["Teacher", *METHODS]) and len(METHODS) == 21
     assert {r["method"]: r["status"] for r in records} == {m: "ok" for m in ["Teacher", *METHODS]}
     assert all(r["epochs"] == 1 for r in records)
 

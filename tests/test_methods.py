@@ -40,6 +40,8 @@ EXPECTED_KEYS = {
     "CTKD": {"loss_ce", "loss_kd"},
     "CTKD_DKD": {"loss_ce", "loss_dkd"},
     "NormKD": {"loss_ce", "loss_normkd"},
+    "MLKD": {"loss_ce", "loss_kd", "loss_cc", "loss_bc"},
+    "OFA": {"loss_ce", "loss_kd", "loss_ofa"},
 }
 TRAIN_LABELS = torch.arange(12) % 3  # a training set of 12 images (CRD's memory and negatives)
 
@@ -89,9 +91,7 @@ def make_distiller(name: str, seed: int = 0, **overrides):
     return distiller
 
 
-def batch_extras(distiller) -> dict:
-    """The batch's positions in TRAIN_LABELS, for the methods that ask for them (make_batch's labels)."""
-    return {"indices": torch.tensor([0, 1, 5, 4])} if distiller.needs_index else {}
+BATCH_INDICES = torch.tensor([0, 1, 5, 4])  # make_batch's labels: their positions in TRAIN_LABELS
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ def test_methods_registry_and_configs():
 
 # ----------------------------------------------------------------------------- one training step
 @pytest.mark.parametrize("name", list(EXPECTED_KEYS))
-def test_one_training_step(name):
+def test_one_training_step(name, method_inputs):
     distiller = make_distiller(name)
     teacher = distiller.teacher
     if methods.METHODS[name].distiller.needs_teacher:
@@ -163,7 +163,7 @@ def test_one_training_step(name):
 
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     images, targets = make_batch()
-    logits, losses = distiller.forward_train(images, targets, **batch_extras(distiller))
+    logits, losses = distiller.forward_train(images, targets, **method_inputs(distiller, images, BATCH_INDICES))
     assert logits.shape == (BATCH, NUM_CLASSES)
     assert set(losses) == EXPECTED_KEYS[name]
     for key, value in losses.items():

@@ -32,7 +32,8 @@ from models import FeatureTap, apply_stem, build_model, build_resnet, classifier
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 NEW_METHODS = ("DKD", "DIST", "CRD", "ReviewKD", "RKD", "SP", "PKT", "KD_LS", "DKD_LS")
-NEWEST_METHODS = ("WTTM", "CTKD", "CTKD_DKD", "NormKD")  # 2023-2024: tests/test_newest_methods.py
+# 2023-2024: tests/test_newest_methods.py and test_ofa.py
+NEWEST_METHODS = ("WTTM", "CTKD", "CTKD_DKD", "NormKD", "MLKD", "OFA")
 ALL_METHODS = ("Baseline", "KD", "AT", "FitNets", "DML", "BYOT", *NEW_METHODS, *NEWEST_METHODS)
 DEFAULT_METHODS = ["Baseline", "KD", "AT", "FitNets", "DML", "BYOT"]
 STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import run_experiment
+from conftest import in_one_thread
 from models import build_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
@@ -29,12 +30,12 @@ def newest_run(module_dir, make_image_folder):
     """A ResNet18 teacher, then the five methods trained together for two epochs of two steps each."""
     data = make_image_folder(module_dir / "data", per_class={"train": 3, "val": 1})
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = run_experiment.cli([
+    with contextlib.redirect_stdout(printed):  # in one thread, as the one_thread fixture (function-scoped) would
+        code = in_one_thread(lambda: run_experiment.cli([
             "--data", str(data), "--methods", ",".join(NEWEST), "--teacher-epochs", "1", "--student-epochs", "2",
             "--batch-size", "4", "--device", "cpu", "--precision", "fp32", "--set", "teacher.model=resnet18",
             "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8", "--set", "experiment.num_workers=0",
-            "--logs-dir", str(module_dir / "logs"), "--checkpoints-dir", str(module_dir / "ckpt")])
+            "--logs-dir", str(module_dir / "logs"), "--checkpoints-dir", str(module_dir / "ckpt")]), module_dir)
     (experiment,) = (module_dir / "logs").glob("final_experiment_*")
     records = {r["method"]: r for r in json.loads((experiment / "comparison_results.json").read_text())}
     return {"code": code, "base": module_dir, "records": records, "printed": printed.getvalue(),

@@ -26,6 +26,7 @@ from kd.methods import wttm  # noqa: E402, F401  isort: skip
 from kd.methods import ctkd  # noqa: E402, F401  isort: skip
 from kd.methods import normkd  # noqa: E402, F401  isort: skip
 from kd.methods import mlkd  # noqa: E402, F401  isort: skip
+from kd.methods import ofa  # noqa: E402, F401  isort: skip
 
 # The method every gain is measured against; the teacher trains as it does (cross-entropy alone).
 REFERENCE = "Baseline"
