@@ -109,16 +109,17 @@ def test_a_killed_process_ends_the_job_and_resume_trains_only_the_rest(tmp_path,
 
 def test_more_processes_than_units_leave_one_idle_without_a_hang(tmp_path, make_image_folder):
     data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
-    argv = [*_argv(tmp_path, data, methods="KD,AT"), "--parallel", "runs"]
+    # the two-view method and the one with projectors: they share the teacher, one unit per seed, two units
+    argv = [*_argv(tmp_path, data, methods="MLKD,OFA"), "--parallel", "runs"]
     started = time.monotonic()
-    done = _launch(tmp_path, argv, processes=3)  # KD and AT share the teacher: one unit per seed, two units
+    done = _launch(tmp_path, argv, processes=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 300
     # the plan (as --check prints it) says how the runs are spread
     assert "parallel runs: 3 processes on cpu, 1 thread(s) (x3)" in done.stdout
-    assert "queue, first taken first: KD+AT seed 0" in done.stdout and "estimated wall time" in done.stdout
+    assert "queue, first taken first: MLKD+OFA seed 0" in done.stdout and "estimated wall time" in done.stdout
     assert [(r["method"], r["seed"], r["status"]) for r in _records(tmp_path)] == [
-        ("Teacher", 0, "ok"), ("KD", 0, "ok"), ("AT", 0, "ok"), ("KD", 1, "ok"), ("AT", 1, "ok")]
+        ("Teacher", 0, "ok"), ("MLKD", 0, "ok"), ("OFA", 0, "ok"), ("MLKD", 1, "ok"), ("OFA", 1, "ok")]
 
 
 def test_the_queue_wall_time_goes_to_the_process_free_first():
