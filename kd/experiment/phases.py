@@ -68,9 +68,11 @@ def make_plan(setup: Setup, resumed: Resumed | None, check_only: bool) -> Plan:
     if tuning:
         check_tuning_runtime(setup)
     finished = resumed.records if resumed else None
-    # spread over processes, only rank 0 looks for a saved teacher: the others get it from rank 0, and on
-    # other machines the file need not exist
-    teacher = find_teacher(setup, finished) if distributed.is_main() or not spread else None
+    # only rank 0 looks for a saved teacher, so that on other machines the file need not exist: spread over
+    # processes, the others get the teacher itself from rank 0 later; data-parallel, they get its source now
+    teacher = find_teacher(setup, finished) if distributed.is_main() else None
+    if not spread:
+        teacher = distributed.broadcast_object(teacher)
     timed = distributed.is_main() and (check_only or spread)
     times = time_steps(setup, train_teacher=teacher.checkpoint is None) if timed else None
     if tuning and distributed.is_main():  # its stages and budget (with --check, their cost too)

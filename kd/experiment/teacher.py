@@ -195,8 +195,9 @@ def obtain_teacher(setup: Setup, source: TeacherSource, folder: ExperimentFolder
                            {**model_meta(spec, setup, setup.teacher_stats), "config": cfg, "epochs": cfg["epochs"],
                             "run": folder.stamp, "start": _start(setup)}, folder.resume_path(TEACHER, seed))
         result, training, _ = fit(plain_training(teacher), setup.data, run_spec, setup.runtime)
-        distributed.barrier()  # rank 0 has written the checkpoint the others read now
-        checkpoint = load_checkpoint(best_path)  # distil from the best epoch, exactly as a reuse would
+        # distil from the best epoch, exactly as a reuse would; only rank 0 wrote it: data-parallel, the others
+        # (maybe on other machines) get it from rank 0
+        checkpoint = distributed.broadcast_object(load_checkpoint(best_path) if distributed.is_main() else None)
         teacher.load_state_dict(checkpoint["model"])
     scores = {split: evaluate(plain_training(teacher), setup.data, split, cfg["batch_size"], setup.runtime)
               for split in setup.data.splits if split != "train"}
@@ -210,8 +211,10 @@ def obtain_teacher(setup: Setup, source: TeacherSource, folder: ExperimentFolder
         result, training = RunResult(best_accuracy=val, final_accuracy=val, best_epoch=meta["epoch"],
                                      test_accuracy=test, training_time=meta["training_time"],
                                      epochs=meta["epochs"]), None
-    record = RunRecord(TEACHER, spec.name, "None", seed, teacher_file=TeacherFile(path, _sha256(path), not trains),
-                       training=training)
+    # the file is on rank 0's disk: the others take its digest from rank 0
+    teacher_file = distributed.broadcast_object(TeacherFile(path, _sha256(path), not trains)
+                                                if distributed.is_main() else None)
+    record = RunRecord(TEACHER, spec.name, "None", seed, teacher_file=teacher_file, training=training)
     complete_record(record, result, scores["val"], setup, teacher, teacher_predictions=None)
     return Teacher(teacher.eval(), scores["val"].probs.argmax(dim=1)), record
 
