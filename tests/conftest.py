@@ -5,8 +5,11 @@ a relative default such as data/, logs/ or checkpoints/ can never touch the repo
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,6 +147,61 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def experiment_argv(base: Path | None, data: Path, methods: str = "Baseline,KD,DML", seeds: str = "0,1"
+                    ) -> list[str]:
+    """run_experiment.py's arguments for a tiny experiment that several processes train fast: ResNet18 teacher,
+    1 epoch each, batch 8, 8 px, CPU, fp32. Its outputs go under `base` (None: the default logs/ and
+    checkpoints/ of the working folder, as on a machine of its own)."""
+    argv = ["--data", str(data), "--methods", methods, "--seeds", seeds, "--teacher-epochs", "1",
+            "--student-epochs", "1", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
+            "--set", "teacher.model=ResNet18", "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8"]
+    if base is not None:
+        argv += ["--logs-dir", str(base / "logs"), "--checkpoints-dir", str(base / "checkpoints")]
+    return argv
+
+
+def write_driver(base: Path, patch: str = "") -> Path:
+    """base/driver.py: run_experiment.py's command line after `patch` (code that changes the project where a
+    test needs it to, e.g. to kill a process at a chosen moment)."""
+    driver = base / "driver.py"
+    driver.write_text(patch + "\nimport sys, run_experiment\nsys.exit(run_experiment.cli(sys.argv[1:]))\n")
+    return driver
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment of a launched experiment: one thread per process, the repository importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def launch_experiment(base: Path, argv: list[str], processes: int | None, patch: str = ""
+                      ) -> subprocess.CompletedProcess:
+    """run_experiment.py's command line with one thread per process: alone, or under torchrun."""
+    driver = write_driver(base, patch)
+    launcher = ([sys.executable] if processes is None else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
+    return subprocess.run([*launcher, str(driver), *argv], cwd=base, env=one_thread_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def experiment_records(base: Path) -> list[dict]:
+    """The records of the one experiment under base/logs."""
+    (exp_dir,) = (base / "logs").glob("final_experiment_*")
+    return json.loads((exp_dir / "comparison_results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory) -> Iterator[tuple[Path, list[dict]]]:
+    """The reference that several processes (on one machine or two) must reproduce: Baseline, KD and DML with
+    seeds 0 and 1 (experiment_argv's defaults) trained by one plain process, and its tiny data folder. Trained
+    once per session for every module that compares with it; removed at the end (hundreds of MB)."""
+    base = tmp_path_factory.mktemp("one_process")
+    data = _make_image_folder(base / "data", per_class={"train": 8, "val": 3})
+    done = launch_experiment(base, experiment_argv(base, data), processes=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    yield data, experiment_records(base)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -3,16 +3,16 @@ queue, and every record equals the one a single process writes with the same see
 the job, and --resume (with any number of processes) trains only the runs that did not finish."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
+from conftest import experiment_argv as _argv
+from conftest import experiment_records as _records
+from conftest import launch_experiment as _launch
 from kd.experiment.sweep import Unit, spread_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,37 +38,6 @@ def run_methods(*args):
     return original(*args)
 sweep.run_methods = run_methods
 """
-
-
-def _argv(base: Path, data: Path, methods: str = "Baseline,KD,DML", seeds: str = "0,1") -> list[str]:
-    return ["--data", str(data), "--methods", methods, "--seeds", seeds, "--teacher-epochs", "1",
-            "--student-epochs", "1", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
-            "--set", "teacher.model=ResNet18", "--set", "teacher.lr=0.01", "--set", "experiment.image_size=8",
-            "--logs-dir", str(base / "logs"), "--checkpoints-dir", str(base / "checkpoints")]
-
-
-def _launch(base: Path, argv: list[str], processes: int | None, patch: str = "") -> subprocess.CompletedProcess:
-    """run_experiment.py's command line with one thread per process: alone, or under torchrun."""
-    (base / "driver.py").write_text(patch + "\nimport sys, run_experiment\nsys.exit(run_experiment.cli(sys.argv[1:]))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launcher = ([sys.executable] if processes is None else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
-    return subprocess.run([*launcher, str(base / "driver.py"), *argv], cwd=base, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def _records(base: Path) -> list[dict]:
-    (exp_dir,) = (base / "logs").glob("final_experiment_*")
-    return json.loads((exp_dir / "comparison_results.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def one_process(module_dir, make_image_folder):
-    base = module_dir
-    data = make_image_folder(base / "data", per_class={"train": 8, "val": 3})
-    done = _launch(base, _argv(base, data), processes=None)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return data, _records(base)
 
 
 def test_two_processes_train_whole_runs_with_the_records_of_one(tmp_path, one_process):
