@@ -40,13 +40,17 @@ def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([IP, *args], check=check, capture_output=True, text=True, timeout=30)
 
 
-def _no_namespaces(reason: str) -> None:
-    """Under CI (which runs as root with iproute2) missing namespaces fail the test; elsewhere it is skipped."""
-    message = (f"two-host tests need network namespaces: {reason}. Run as root with iproute2's `ip` "
-               "(apt-get install iproute2)")
+def unavailable(message: str) -> None:
+    """What the tests need is missing: under CI (which installs it, as root) the test fails; elsewhere it is
+    skipped, with the reason either way."""
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def _no_namespaces(reason: str) -> None:
+    unavailable(f"two-host tests need network namespaces: {reason}. Run as root with iproute2's `ip` "
+                "(apt-get install iproute2)")
 
 
 def require_namespaces() -> None:
@@ -174,3 +178,28 @@ def copy_data(data: Path, *hosts: Host) -> None:
     """The data at the same path on every machine (README), here each its own copy: data/ in its folder."""
     for host in hosts:
         shutil.copytree(data, host.folder / "data")
+
+
+def link_down(b: Host) -> list[int]:
+    """The machine's network goes: its processes live on, but nothing they send arrives (nor any RST that
+    would tell the other side), as with a pulled cable or a switch failure."""
+    run_ip("-n", b.namespace, "link", "set", b.veth, "down")
+    return []
+
+
+def power_off(b: Host) -> list[int]:
+    """The machine stops: every process in its namespace is SIGKILLed at once (torchrun's agent with its
+    worker), so that no agent is left to tell the other host's agent."""
+    return b.kill_all()
+
+
+def gather(a: Host, b: Host) -> str:
+    """README's gathering of host B's checkpoints and TensorBoard runs into host A's folders, run on A with rsync
+    (B's PROJECT folder is a local path here, as with a network mount). Without rsync it fails under CI, which
+    installs it, and elsewhere is skipped with the reason. Returns the command."""
+    if not shutil.which("rsync"):
+        unavailable("README's gather command needs rsync: apt-get install rsync")
+    command = (f"rsync -a {shlex.quote(str(b.folder))}/checkpoints/ checkpoints/ && "
+               f"rsync -a {shlex.quote(str(b.folder))}/logs/ logs/")
+    subprocess.run(command, shell=True, cwd=a.folder, check=True, timeout=120)
+    return command

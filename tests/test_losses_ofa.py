@@ -221,6 +221,7 @@ def test_torchvision_vit_merges_a_14x14_grid_to_7x7():
     assert distiller.stage_modules == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
     projector = distiller.projectors["1"]
     assert len(projector.merges) == 1  # int(log2(14 / 7)) = 1
+    assert isinstance(projector.merges[0].act, torch.nn.GELU)  # the authors' first merge always has one
     tokens = torch.randn(BATCH, 1 + 14 * 14, 16)
     assert projector.merges(tokens[:, 1:]).shape == (BATCH, 49, 16)
     assert projector(tokens).shape == (BATCH, 3)

@@ -9,10 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-
-from conftest import experiment_argv as _argv
-from conftest import experiment_records as _records
-from conftest import launch_experiment as _launch
+from conftest import experiment_argv, experiment_records, launch_experiment
 from kd.experiment.sweep import Unit, spread_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,9 +39,9 @@ sweep.run_methods = run_methods
 
 def test_two_processes_train_whole_runs_with_the_records_of_one(tmp_path, one_process):
     data, expected = one_process
-    done = _launch(tmp_path, [*_argv(tmp_path, data), "--parallel", "runs"], processes=2)
+    done = launch_experiment(tmp_path, [*experiment_argv(tmp_path, data), "--parallel", "runs"], processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = _records(tmp_path)
+    records = experiment_records(tmp_path)
     assert [(r["method"], r["seed"]) for r in records] == [(r["method"], r["seed"]) for r in expected]
     assert untimed(records) == untimed(expected)
     assert {r["method"] for r in expected} == {"Teacher", "Baseline", "KD", "DML"} and len(expected) == 7
@@ -60,34 +57,34 @@ def test_two_processes_train_whole_runs_with_the_records_of_one(tmp_path, one_pr
 
 def test_a_killed_process_ends_the_job_and_resume_trains_only_the_rest(tmp_path, one_process):
     data, expected = one_process
-    argv = [*_argv(tmp_path, data), "--parallel", "runs"]
-    killed = _launch(tmp_path, argv, processes=2, patch=KILL_RANK_1)
+    argv = [*experiment_argv(tmp_path, data), "--parallel", "runs"]
+    killed = launch_experiment(tmp_path, argv, processes=2, patch=KILL_RANK_1)
     assert killed.returncode != 0
     assert time.time() - float((tmp_path / "killed_at").read_text()) < 60 + 1  # not a 30-minute timeout
     assert "Stopped by torchrun: another process of this job ended" in killed.stderr
     assert "continue with: python run_experiment.py --resume" in killed.stderr
-    finished = [(r["method"], r["seed"]) for r in _records(tmp_path)]
+    finished = [(r["method"], r["seed"]) for r in experiment_records(tmp_path)]
     assert finished[0] == ("Teacher", 0) and 1 < len(finished) < 7
 
-    resumed = _launch(tmp_path, [*argv, "--resume"], processes=None)  # any number of processes: here one
+    resumed = launch_experiment(tmp_path, [*argv, "--resume"], processes=None)  # any number of processes: here one
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trained = [(m, int(seed)) for m, seed in re.findall(r"student (\w+) with .* \(seed (\d+)\)", resumed.stderr)]
     assert sorted(trained) == sorted({(r["method"], r["seed"]) for r in expected} - set(finished))
-    assert untimed(_records(tmp_path)) == untimed(expected)
+    assert untimed(experiment_records(tmp_path)) == untimed(expected)
 
 
 def test_more_processes_than_units_leave_one_idle_without_a_hang(tmp_path, make_image_folder):
     data = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 3})
     # the two-view method and the one with projectors: they share the teacher, one unit per seed, two units
-    argv = [*_argv(tmp_path, data, methods="MLKD,OFA"), "--parallel", "runs"]
+    argv = [*experiment_argv(tmp_path, data, methods="MLKD,OFA"), "--parallel", "runs"]
     started = time.monotonic()
-    done = _launch(tmp_path, argv, processes=3)
+    done = launch_experiment(tmp_path, argv, processes=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 300
     # the plan (as --check prints it) says how the runs are spread
     assert "parallel runs: 3 processes on cpu, 1 thread(s) (x3)" in done.stdout
     assert "queue, first taken first: MLKD+OFA seed 0" in done.stdout and "estimated wall time" in done.stdout
-    assert [(r["method"], r["seed"], r["status"]) for r in _records(tmp_path)] == [
+    assert [(r["method"], r["seed"], r["status"]) for r in experiment_records(tmp_path)] == [
         ("Teacher", 0, "ok"), ("MLKD", 0, "ok"), ("OFA", 0, "ok"), ("MLKD", 1, "ok"), ("OFA", 1, "ok")]
 
 

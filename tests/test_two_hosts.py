@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -27,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from conftest import experiment_argv, experiment_records
-from netns_hosts import (JOB_SECONDS, Host, run_ip, copy_data, require_namespaces, start, start_job, stderr_of,
-                         two_hosts, wait_for, why)
+from netns_hosts import (JOB_SECONDS, Host, copy_data, gather, link_down, power_off, require_namespaces, start,
+                         start_job, stderr_of, two_hosts, wait_for, why)
 from kd.experiment.sweep import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +60,7 @@ sweep.run_methods = run_methods
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # before the session's reference run, which is wasted if the module skips
 def namespaces() -> None:
     """Root and `ip`, or the module fails under CI (is skipped elsewhere) with the reason."""
     require_namespaces()
@@ -96,20 +94,6 @@ def tensorboard_runs(logs: Path) -> set[str]:
     return runs
 
 
-def gather(a: Host, b: Host) -> str:
-    """README's gathering of host B's checkpoints and TensorBoard runs into host A's folders, run on A; with
-    rsync where it is installed (B's PROJECT folder is a local path here), else the same with a plain copy.
-    Returns which of the two it did."""
-    if shutil.which("rsync"):
-        command = (f"rsync -a {shlex.quote(str(b.folder))}/checkpoints/ checkpoints/ && "
-                   f"rsync -a {shlex.quote(str(b.folder))}/logs/ logs/")
-        subprocess.run(command, shell=True, cwd=a.folder, check=True, timeout=120)
-        return f"rsync: {command}"
-    for name in ("checkpoints", "logs"):
-        shutil.copytree(b.folder / name, a.folder / name, dirs_exist_ok=True)
-    return "no rsync here: copied B's checkpoints/ and logs/ into A's (what the rsync command does)"
-
-
 def test_parallel_runs_on_two_hosts_give_one_process_records_and_gather(tmp_path, namespaces, one_process):
     """Whole runs spread over two machines reproduce one process's records, rank 0's machine writes all of
     them, and README's gather brings every run's checkpoints and TensorBoard events to rank 0's machine."""
@@ -138,7 +122,8 @@ def test_parallel_runs_on_two_hosts_give_one_process_records_and_gather(tmp_path
     assert {"teachers/ResNet18_teacher_best.pth", "teachers/ResNet18_teacher_final.pth"} <= on_a
     runs = tensorboard_runs(a.folder / "logs")
     stamp = exp_dir.name.removeprefix("final_experiment_")
-    students = {f"{r['method']}_{r['model']}_Final_{stamp}_seed{r['seed']}" for r in expected if r["method"] != "Teacher"}
+    students = {f"{r['method']}_{r['model']}_Final_{stamp}_seed{r['seed']}" for r in expected
+                if r["method"] != "Teacher"}
     assert students - runs_before and students <= runs, f"TensorBoard runs after the gather ({how}): {sorted(runs)}"
     assert f"ResNet18_Teacher_Final_{stamp}" in runs
     assert untimed(experiment_records(a.folder)) == untimed(expected)  # the gather left rank 0's results alone
@@ -146,19 +131,24 @@ def test_parallel_runs_on_two_hosts_give_one_process_records_and_gather(tmp_path
 
 def test_data_parallel_on_two_hosts_writes_one_experiment_folder_on_rank_0(tmp_path, namespaces, one_process):
     """DDP over two machines: every process trains every run, rank 0 alone writes (the other machine has no
-    experiment folder), and the run is one job of two processes."""
+    experiment folder), and the run is one job of two processes. Twice: the first job trains the teacher, which
+    only rank 0's machine then has, and the second reuses it (every process used to read, or look for, the
+    teacher's file on its own disk)."""
     data, _ = one_process
+    argv = [*experiment_argv(None, Path("data"), "Baseline,KD", "0"), "--parallel", "data"]
     with two_hosts(tmp_path, 2) as (a, b):
         copy_data(data, a, b)
-        job_a, job_b = start_job(a, b, [*experiment_argv(None, Path("data"), "Baseline,KD", "0"), "--parallel", "data"])
-        codes = wait_for(job_a, a), wait_for(job_b, b)
-        assert codes == (0, 0), why(a, b)
-    (exp_dir,) = experiment_dirs(a)
-    assert experiment_dirs(b) == []
-    summary = (exp_dir / "experiment_summary.json").read_text()
-    assert '"processes": 2' in summary and '"backend": "gloo"' in summary
-    assert [(r["method"], r["status"]) for r in experiment_records(a.folder)] == [
-        ("Teacher", "ok"), ("Baseline", "ok"), ("KD", "ok")]
+        for job in range(2):
+            job_a, job_b = start_job(a, b, argv)
+            codes = wait_for(job_a, a), wait_for(job_b, b)
+            assert codes == (0, 0), f"job {job + 1}: {why(a, b)}"
+    assert experiment_dirs(b) == [] and not (b.folder / "checkpoints").exists()
+    for exp_dir, reused in zip(experiment_dirs(a), (False, True)):
+        summary = (exp_dir / "experiment_summary.json").read_text()
+        assert '"processes": 2' in summary and '"backend": "gloo"' in summary
+        records = json.loads((exp_dir / "comparison_results.json").read_text())
+        assert [(r["method"], r["status"]) for r in records] == [("Teacher", "ok"), ("Baseline", "ok"), ("KD", "ok")]
+        assert records[0]["reused"] is reused
 
 
 # --- a host lost in the middle of a unit ---------------------------------------------------------------------
@@ -186,19 +176,6 @@ class Cut:
     def seconds(self) -> float:
         assert self.cut_at is not None and self.exited_at is not None
         return self.exited_at - self.cut_at
-
-
-def link_down(b: Host) -> list[int]:
-    """The machine's network goes: its processes live on, but nothing they send arrives (nor any RST that
-    would tell the other side), as with a pulled cable or a switch failure."""
-    run_ip("-n", b.namespace, "link", "set", b.veth, "down")
-    return []
-
-
-def power_off(b: Host) -> list[int]:
-    """The machine stops: every process in its namespace is SIGKILLed at once (torchrun's agent with its
-    worker), so that no agent is left to tell the other host's agent."""
-    return b.kill_all()
 
 
 def records_on(host: Host) -> list[dict]:

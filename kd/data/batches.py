@@ -3,10 +3,11 @@ order and augmentation from a generator seeded by (seed, epoch), so that every m
 batches, and the batches cropped, flipped and normalised in one go on the training device."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,11 @@ class ImageData:
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, device: torch.device, channels_last: bool,
                       strong_view: bool = False
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, StrongView | None]]:
         """This epoch's (images, labels, indices, strong view) batches; `indices` are the images' positions in the
         train split (CRD's memory is kept per training image). With `strong_view`, the same images also come
-        strongly augmented (kd/data/strong_view.py) from a generator of their own, so the first view and the
-        order are the same with it or without; else the strong view is None."""
+        strongly augmented (kd/data/strong_view.py), made when first asked for, from a generator of their own, so
+        the first view and the order are the same with it or without; else the strong view is None."""
         stream = (seed, epoch)
         generator = self.epoch_generator(*stream)
         train = self.splits["train"]
@@ -116,13 +117,15 @@ class ImageData:
         for start, (images, labels) in zip(range(0, len(order), batch_size),
                                            train.batches(order, batch_size, self.num_workers, device)):
             images = to_device(images, device)
-            strong = None
-            if strong_view:  # a crop and flip of its own, then RandAugment and Cutout
-                strong = self.normalize(rand_augment(self.augment(images, strong_generator), strong_generator),
-                                        channels_last)
+            strong = StrongView(functools.partial(self.strong_view, images, strong_generator, channels_last)) \
+                if strong_view else None
             indices = to_device(order[start:start + batch_size], device)
             yield self.normalize(self.augment(images, generator), channels_last), to_device(labels, device), \
                 indices, strong
+
+    def strong_view(self, images: torch.Tensor, generator: torch.Generator, channels_last: bool) -> torch.Tensor:
+        """A uint8 batch's strong view: a crop and flip of its own, then RandAugment and Cutout, normalised."""
+        return self.normalize(rand_augment(self.augment(images, generator), generator), channels_last)
 
     def eval_indices(self, split: str) -> torch.Tensor:
         """This process's share of a split for evaluation (the whole split when it is alone; empty when
@@ -162,6 +165,20 @@ class ImageData:
         mean, std = self._normalization[images.device]
         out = (images.float() / 255.0 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+class StrongView:
+    """A batch's strong view, made when a run first asks for it: inside that run's step, so that its clock pays
+    for it (not the time all runs share); the runs after it get the same tensor. The batches' order keeps the
+    draws of its generator in order, since each batch's runs step before the next batch is cut."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self._make, self._view = make, None
+
+    def __call__(self) -> torch.Tensor:
+        if self._view is None:
+            self._view = self._make()
+        return self._view
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -65,7 +65,7 @@ def rand_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
     The operations run image by image: each takes one magnitude, and the image's pixels are what PIL gives.
     """
-    n, _, size, _ = images.shape
+    n = images.shape[0]
     choices = torch.randint(len(OPERATIONS), (n, OPS_PER_IMAGE), generator=generator).tolist()
     draws = torch.rand((n, OPS_PER_IMAGE), generator=generator, dtype=torch.float64).tolist()
     out = []

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from kd.data.batches import ImageData
+from kd.data.batches import ImageData, StrongView
 from kd.engine import distributed
 from kd.engine.checkpoint import load_state, save_checkpoint, save_state
 from kd.engine.evaluation import Evaluation, evaluate
@@ -138,11 +138,11 @@ class TrainingRun:
         self.lr = self.optimizer.param_groups[0]["lr"]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             strong_images: torch.Tensor | None = None) -> torch.Tensor:
+             strong_view: StrongView | None = None) -> torch.Tensor:
         self.stopwatch.start()
         batch = {"indices": indices} if self.distiller.needs_index else {}
-        if self.distiller.needs_strong_view:
-            batch["strong_images"] = strong_images
+        if self.distiller.needs_strong_view:  # made here, by the first run that asks: its clock pays
+            batch["strong_images"] = strong_view()
         with self.runtime.autocast():
             logits, losses = self.model(images, labels, **batch)
             loss = sum(losses.values())

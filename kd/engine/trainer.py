@@ -85,13 +85,13 @@ def _train_epoch(runs: list[TrainingRun], data: ImageData, seed: int, epoch: int
                    total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
-    for step, (images, labels, indices, strong_images) in enumerate(batches):
+    for step, (images, labels, indices, strong_view) in enumerate(batches):
         if first_batch is None:
             first_batch = tensor_digest(images, labels)
         if teacher_user is not None:
             with runtime.autocast():
                 teacher_user.teacher_forward(images)  # cached: each teacher-based run reuses it for this batch
-        losses = [run.step(images, labels, indices, strong_images) for run in runs]
+        losses = [run.step(images, labels, indices, strong_view) for run in runs]
         if step % 10 == 0:  # .item() synchronises a GPU: refresh the bar now and then, not every step
             seen = runs[0].seen
             batches.set_postfix(loss="/".join(f"{loss.item():.3f}" for loss in losses),

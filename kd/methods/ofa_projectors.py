@@ -113,7 +113,7 @@ class PatchMerging(nn.Module):
         self.grid = grid
         self.norm = nn.LayerNorm(4 * width)
         self.reduction = nn.Linear(4 * width, width, bias=False)
-        self.act = nn.GELU() if activation else nn.Identity()  # the authors' last merge has none
+        self.act = nn.GELU() if activation else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, _, width = tokens.shape
@@ -145,7 +145,8 @@ class TokenProjector(nn.Module):
         grids, merges = [layout.grid], merge_count(layout.grid)
         for _ in range(merges):
             grids.append((grids[-1][0] // 2, grids[-1][1] // 2))
-        self.merges = nn.Sequential(*(PatchMerging(grids[i], layout.width, activation=i < merges - 1)
+        # distillers/ofa.py: the first merge has a GELU, and of the later ones all but the last
+        self.merges = nn.Sequential(*(PatchMerging(grids[i], layout.width, activation=i == 0 or i < merges - 1)
                                       for i in range(merges)))
         self.blocks = nn.Sequential(*(Block(dim=layout.width, num_heads=VIT_HEADS) for _ in range(depth)))
         self.head = nn.Linear(layout.width, num_classes)
