@@ -78,10 +78,10 @@ def _train_epoch(runs: list[TrainingRun], data: ImageData, seed: int, epoch: int
     teacher_user = next((run.distiller for run in runs if run.distiller.teacher is not None), None)
     # a two-view run's teacher forward of the strong view replaces the cached one: it steps after the others
     runs = sorted(runs, key=lambda run: run.distiller.needs_strong_view)
-    strong_view = runs[-1].distiller.needs_strong_view
+    two_views = runs[-1].distiller.needs_strong_view
     runtime.synchronize()  # the clock starts with an idle device: no earlier work counts in this epoch
     started = time.perf_counter()
-    batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last, strong_view),
+    batches = tqdm(data.train_batches(seed, epoch, batch_size, runtime.device, runtime.channels_last, two_views),
                    total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}",
                    unit="batch", leave=False, disable=distributed.quiet())
     first_batch = None
