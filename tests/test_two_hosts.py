@@ -143,6 +143,7 @@ def test_data_parallel_on_two_hosts_writes_one_experiment_folder_on_rank_0(tmp_p
             codes = wait_for(job_a, a), wait_for(job_b, b)
             assert codes == (0, 0), f"job {job + 1}: {why(a, b)}"
     assert experiment_dirs(b) == [] and not (b.folder / "checkpoints").exists()
+    assert len(experiment_dirs(a)) == 2
     for exp_dir, reused in zip(experiment_dirs(a), (False, True)):
         summary = (exp_dir / "experiment_summary.json").read_text()
         assert '"processes": 2' in summary and '"backend": "gloo"' in summary
@@ -194,8 +195,7 @@ def runs_of(records: list[dict]) -> set[Run]:
 def finished_on(host: Host, expected: list[dict]) -> set[Run]:
     """The runs whose checkpoints (the final ones included, written at a run's end) are on the host's disk."""
     on_disk = files_under(host.folder / "checkpoints") if (host.folder / "checkpoints").exists() else set()
-    return {(r["method"], r["seed"]) for r in expected
-            if r["method"] != "Teacher" and expected_checkpoints([r]) <= on_disk}
+    return runs_of([r for r in expected if expected_checkpoints([r]) <= on_disk])
 
 
 def trained_where(log: str) -> dict[Run, int]:

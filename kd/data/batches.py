@@ -16,6 +16,8 @@ from kd.data.strong_view import rand_augment
 from kd.engine import distributed
 from kd.errors import UserError
 
+StrongView = Callable[[], torch.Tensor]  # a batch's strong view, made on the first call
+
 
 @dataclass
 class Split:
@@ -117,7 +119,10 @@ class ImageData:
         for start, (images, labels) in zip(range(0, len(order), batch_size),
                                            train.batches(order, batch_size, self.num_workers, device)):
             images = to_device(images, device)
-            strong = StrongView(functools.partial(self.strong_view, images, strong_generator, channels_last)) \
+            # made when a run first asks for it: inside that run's step, so that its clock pays for it (not the
+            # time all runs share), and the runs after it get the same tensor; each batch's runs step before the
+            # next batch is cut, so the generator's draws stay in order
+            strong = functools.cache(functools.partial(self.strong_view, images, strong_generator, channels_last)) \
                 if strong_view else None
             indices = to_device(order[start:start + batch_size], device)
             yield self.normalize(self.augment(images, generator), channels_last), to_device(labels, device), \
@@ -165,20 +170,6 @@ class ImageData:
         mean, std = self._normalization[images.device]
         out = (images.float() / 255.0 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
-
-
-class StrongView:
-    """A batch's strong view, made when a run first asks for it: inside that run's step, so that its clock pays
-    for it (not the time all runs share); the runs after it get the same tensor. The batches' order keeps the
-    draws of its generator in order, since each batch's runs step before the next batch is cut."""
-
-    def __init__(self, make: Callable[[], torch.Tensor]):
-        self._make, self._view = make, None
-
-    def __call__(self) -> torch.Tensor:
-        if self._view is None:
-            self._view = self._make()
-        return self._view
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
